@@ -1,0 +1,42 @@
+# Everything a fresh machine needs: `make demo` and `make test` each run `make setup` first when needed.
+PY      := .venv/bin/python
+ART     := artifacts
+MODEL   := $(ART)/resnet_exits.pt2
+BUNDLE  := $(ART)/resnet_exits.edgeexit
+EPOCHS  ?= 4
+SETUP   := .venv/.setup-done
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(SETUP)
+
+$(SETUP): pyproject.toml constraints.txt
+	@if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  echo "installing Debian packages (dataset-fashion-mnist, iproute2)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2; fi
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,tflite,tflite-export,data,plot,dev]"
+	touch $(SETUP)
+
+$(MODEL): | $(SETUP)
+	@mkdir -p $(ART)
+	$(PY) -m edgeexit train --arch resnet-exits --dataset fashion-mnist --epochs $(EPOCHS) --seed 0 --out $(MODEL)
+
+demo: $(SETUP) $(MODEL)
+	$(PY) -m edgeexit export $(MODEL) --out $(BUNDLE) --calibration-data fashion-mnist
+	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test --no-policy
+
+test: $(SETUP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -ra -m "not slow"
+
+bench: $(SETUP) $(MODEL)
+	$(PY) benchmarks/split_overhead.py --model $(MODEL)
+
+lint: $(SETUP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(ART) .pytest_cache

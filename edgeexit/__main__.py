@@ -1,0 +1,5 @@
+import sys
+
+from edgeexit.cli import main
+
+sys.exit(main())

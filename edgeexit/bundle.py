@@ -1,0 +1,246 @@
+"""The bundle: ``<name>.edgeexit/`` with ``manifest.json`` and ``segments/``, the one contract between parts.
+
+Layout and naming (everything downstream relies on it):
+- segment ``k`` reads ``input`` (k = 0) or ``boundary{k-1}`` and writes ``boundary{k}`` (all but the last)
+  plus ``exit{j}`` for every exit head ``j`` that branches inside it;
+- split point ``s`` is the boundary after segment ``s`` (``0 <= s < len(segments) - 1``): a device running
+  split ``s`` runs segments ``0..s`` and the cloud runs the tail ``s+1..`` (model name ``<model>@<s>``);
+- shapes use the string ``"batch"`` for the dynamic batch axis.
+
+This module is torch-free: the device loads bundles too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeexit.errors import BundleError
+
+SCHEMA = "edgeexit.bundle/1"
+MANIFEST = "manifest.json"
+BATCH = "batch"
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+
+    def sample_elements(self) -> int:
+        """Elements per sample (every axis but the batch axis)."""
+        n = 1
+        for d in self.shape:
+            if d != BATCH:
+                n *= int(d)
+        return n
+
+
+@dataclass
+class InputSpec(TensorSpec):
+    # Per-channel normalisation the runtime applies to raw [0, 1] pixels; None means "already normalised".
+    normalization: dict[str, list[float]] | None = None
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the bundle root
+    sha256: str
+    bytes: int
+    batch: str = "dynamic"  # "dynamic" or "fixed:<n>" (a runtime must resize or loop)
+    extra: dict[str, Any] = field(default_factory=dict)  # format-specific facts (e.g. TFLite name mapping)
+
+
+@dataclass
+class Segment:
+    index: int
+    files: dict[str, FileEntry]  # format name ("onnx", "tflite", "tflite-int8", ...) -> file
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    exits: list[int]  # exit heads owned by this segment, in output order after the boundary
+    flops: int = 0  # per sample (multiply-adds counted as 2)
+    param_bytes: int = 0
+
+
+@dataclass
+class SplitPoint:
+    index: int
+    tensor: TensorSpec
+    bytes_per_sample: dict[str, int]  # wire encoding -> bytes of one sample's boundary tensor
+    quantization: dict[str, float] | None = None  # {"scale": s, "zero_point": z} for int8, from real data
+
+
+@dataclass
+class ExitInfo:
+    index: int
+    segment: int
+    output: str
+    num_classes: int
+    cumulative_flops: int = 0  # per sample, from the input through this exit's head
+
+
+@dataclass
+class Manifest:
+    name: str
+    input: InputSpec
+    segments: list[Segment]
+    split_points: list[SplitPoint]
+    exits: list[ExitInfo]
+    schema: str = SCHEMA
+    policy: dict[str, Any] | None = None  # written by `edgeexit calibrate`
+    profiles: dict[str, Any] = field(default_factory=dict)  # written by `edgeexit profile`
+    export: dict[str, Any] = field(default_factory=dict)  # provenance: source, opset, versions, tolerance
+
+    @property
+    def num_classes(self) -> int:
+        return self.exits[-1].num_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            found = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise BundleError(
+                f"unknown bundle schema {found!r} (this edgeexit reads {SCHEMA!r}); "
+                "re-export the model with this version of edgeexit"
+            )
+        try:
+            inp = InputSpec(**d["input"])
+            segments = [
+                Segment(
+                    index=s["index"],
+                    files={k: FileEntry(**v) for k, v in s["files"].items()},
+                    inputs=[TensorSpec(**t) for t in s["inputs"]],
+                    outputs=[TensorSpec(**t) for t in s["outputs"]],
+                    exits=list(s["exits"]),
+                    flops=s.get("flops", 0),
+                    param_bytes=s.get("param_bytes", 0),
+                )
+                for s in d["segments"]
+            ]
+            splits = [
+                SplitPoint(
+                    index=p["index"],
+                    tensor=TensorSpec(**p["tensor"]),
+                    bytes_per_sample=dict(p["bytes_per_sample"]),
+                    quantization=p.get("quantization"),
+                )
+                for p in d["split_points"]
+            ]
+            exits = [ExitInfo(**e) for e in d["exits"]]
+            return cls(
+                name=d["name"], input=inp, segments=segments, split_points=splits, exits=exits,
+                policy=d.get("policy"), profiles=d.get("profiles", {}), export=d.get("export", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest.json is malformed ({e!r}); re-export the bundle") from e
+
+    def check(self) -> None:
+        """Structural invariants: chained names, exit ownership, split points. Raises BundleError."""
+        if not self.segments or not self.exits:
+            raise BundleError("manifest lists no segments or no exits; re-export the bundle")
+        for k, seg in enumerate(self.segments):
+            want_in = self.input.name if k == 0 else f"boundary{k - 1}"
+            if seg.index != k or [t.name for t in seg.inputs] != [want_in]:
+                raise BundleError(f"segment {k} must read only {want_in!r}; the manifest is inconsistent")
+            want_out = ([f"boundary{k}"] if k < len(self.segments) - 1 else []) + [f"exit{j}" for j in seg.exits]
+            if [t.name for t in seg.outputs] != want_out:
+                raise BundleError(f"segment {k} outputs {[t.name for t in seg.outputs]}, expected {want_out}")
+        owned = [j for s in self.segments for j in s.exits]
+        if owned != list(range(len(self.exits))) or [e.index for e in self.exits] != owned:
+            raise BundleError(f"exit heads {owned} are not 0..{len(self.exits) - 1} in order")
+        if [p.index for p in self.split_points] != list(range(len(self.segments) - 1)):
+            raise BundleError("split points must be 0..len(segments)-2, one after each segment but the last")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, relpath: str, **kw: Any) -> FileEntry:
+    """Describe a file already written under ``root``: checksum and size."""
+    p = Path(root) / relpath
+    return FileEntry(path=relpath, sha256=sha256_file(p), bytes=p.stat().st_size, **kw)
+
+
+class Bundle:
+    """A loaded, validated bundle directory."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"{root} is not a bundle directory; create one with `edgeexit export MODEL --out {root}`")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{root} has no {MANIFEST}: not an edgeexit bundle, or a partial copy; re-export it")
+        try:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is corrupted, re-export it") from e
+        manifest = Manifest.from_dict(data)
+        manifest.check()
+        bundle = cls(root, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self, formats: list[str] | None = None) -> None:
+        """Check that every listed file exists and matches its sha256."""
+        for seg in self.manifest.segments:
+            for fmt, entry in seg.files.items():
+                if formats is not None and fmt not in formats:
+                    continue
+                p = self.root / entry.path
+                if not p.is_file():
+                    raise BundleError(f"segment {seg.index} ({fmt}) file {entry.path} is missing; re-export the bundle")
+                if sha256_file(p) != entry.sha256:
+                    raise BundleError(
+                        f"segment {seg.index} ({fmt}) file {entry.path} fails its sha256 check: "
+                        "the bundle is corrupted or was edited; re-export it"
+                    )
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def formats(self) -> list[str]:
+        """Formats every segment has."""
+        sets = [set(s.files) for s in self.manifest.segments]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def segment_path(self, k: int, fmt: str = "onnx") -> Path:
+        seg = self.manifest.segments[k]
+        if fmt not in seg.files:
+            raise BundleError(
+                f"segment {k} has no {fmt!r} file (has {sorted(seg.files)}); "
+                f"export with `--formats {fmt}` to add it"
+            )
+        return self.root / seg.files[fmt].path
+
+    def save(self) -> None:
+        """Write the manifest back (after calibrate/profile); atomically, so a crash never leaves half a file."""
+        write_manifest(self.root, self.manifest)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    manifest.check()
+    tmp = Path(root) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tmp.replace(Path(root) / MANIFEST)

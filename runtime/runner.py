@@ -1,0 +1,93 @@
+"""Chain a bundle's segments on one backend and return exit logits: the engine under export validation,
+evaluate, profile, the agent and the cloud service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit.bundle import BATCH, Bundle, TensorSpec
+from edgeexit.errors import ConfigError, InvalidTensor
+from edgeexit.runtime.backends import BACKEND_FORMATS, SegmentSession, open_session
+
+
+@dataclass
+class SegmentOutput:
+    boundary: np.ndarray | None  # None after the last segment
+    exits: dict[int, np.ndarray]  # exit index -> logits [batch, classes]
+
+
+def check_tensor(x: np.ndarray, spec: TensorSpec) -> None:
+    """Raise InvalidTensor unless ``x`` has the spec's dtype and non-batch shape."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidTensor(f"{spec.name}: expected a numpy array, got {type(x).__name__}")
+    if x.dtype != np.dtype(spec.dtype):
+        raise InvalidTensor(f"{spec.name}: dtype {x.dtype} but the bundle expects {spec.dtype}; cast it first")
+    want = [d for d in spec.shape]
+    ok = x.ndim == len(want) and all(w == BATCH or int(w) == n for w, n in zip(want, x.shape, strict=True))
+    if not ok:
+        raise InvalidTensor(f"{spec.name}: shape {list(x.shape)} but the bundle expects {want} ('batch' is any size)")
+
+
+class SegmentRunner:
+    """Runs segments of a bundle. Sessions open lazily, so a tail-only server never loads the head."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "onnxruntime", threads: int = 1,
+                 fmt: str | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if backend not in BACKEND_FORMATS:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FORMATS)}")
+        self.backend = backend
+        self.threads = threads
+        self.fmt = fmt or BACKEND_FORMATS[backend]
+        self.manifest = self.bundle.manifest
+        self._sessions: dict[int, SegmentSession] = {}
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.manifest.segments)
+
+    def session(self, k: int) -> SegmentSession:
+        if k not in self._sessions:
+            self._sessions[k] = open_session(self.bundle.segment_path(k, self.fmt), self.backend, self.threads)
+        return self._sessions[k]
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """Apply the manifest's input normalisation (if any) to raw inputs."""
+        norm = self.manifest.input.normalization
+        if not norm:
+            return x
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = np.asarray(norm["mean"], np.float32).reshape(shape)
+        std = np.asarray(norm["std"], np.float32).reshape(shape)
+        return ((x - mean) / std).astype(np.float32)
+
+    def run_segment(self, k: int, x: np.ndarray) -> SegmentOutput:
+        seg = self.manifest.segments[k]
+        check_tensor(x, seg.inputs[0])
+        outs = self.session(k).run({seg.inputs[0].name: x})
+        last = k == self.num_segments - 1
+        boundary = None if last else outs[0]
+        exit_outs = outs if last else outs[1:]
+        return SegmentOutput(boundary, dict(zip(seg.exits, exit_outs, strict=True)))
+
+    def run(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> SegmentOutput:
+        """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1})."""
+        stop = self.num_segments if stop is None else stop
+        if not 0 <= start < stop <= self.num_segments:
+            raise ConfigError(f"segment range {start}..{stop} is outside 0..{self.num_segments}")
+        exits: dict[int, np.ndarray] = {}
+        cur: np.ndarray | None = x
+        for k in range(start, stop):
+            out = self.run_segment(k, cur)
+            exits.update(out.exits)
+            cur = out.boundary
+        return SegmentOutput(cur, exits)
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every exit's logits for a (normalised) input batch, shallowest first."""
+        out = self.run(x)
+        return [out.exits[j] for j in range(len(self.manifest.exits))]

@@ -1,0 +1,349 @@
+"""The device runtime: run the head of an early-exit bundle, answer confident rows locally, offload the rest.
+
+Torch-free (numpy + a backend + gRPC). One ``infer(x)`` call for a batch:
+1. run segments ``0..split``; after each exit head, the exit policy decides which rows stop there
+   (answered ``"device"``); only the remaining rows go on;
+2. encode the remaining rows' boundary tensor (fp32/fp16/int8, optional zstd) and send it to the cloud model
+   ``<model>@<split>`` with what is left of the deadline (answered ``"cloud"`` from the deepest exit);
+3. on a timeout, an unreachable service, an open circuit or a rejected tensor, fall back
+   (``"device-fallback"``): the most confident exit computed so far (``best-exit``) or the remaining segments
+   run locally (``finish-local``). Every row always gets an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeexit.bundle import Bundle, Manifest
+from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
+from edgeexit.runtime import codec
+from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
+from edgeexit.runtime.link_stats import LinkStats
+from edgeexit.runtime.runner import SegmentRunner
+
+log = logging.getLogger("edgeexit.device")
+
+DEVICE, CLOUD, FALLBACK = "device", "cloud", "device-fallback"
+# Integer codes for `decided` on the wire (agent output `decided`, INT32).
+DECIDED_CODES = {DEVICE: 0, CLOUD: 1, FALLBACK: 2}
+SPLIT_WORDS = ("auto", "device", "cloud")
+ON_FAILURE = ("best-exit", "finish-local")
+
+
+class CloudClient(Protocol):
+    """What the runtime needs from runtime.client.InferenceClient (a seam for tests)."""
+
+    def infer(self, model: str, input_name: str, tensor: codec.WireTensor, *, timeout: float,
+              request_id: str = "") -> dict[str, np.ndarray]: ...
+
+    def ready(self, timeout: float = 1.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class DeviceOptions:
+    backend: str = "onnxruntime"  # or "litert"
+    threads: int = 1
+    policy: Any = None  # None = the manifest's calibrated policy; a kind name; or an ExitPolicy object
+    # Split point N (device runs segments 0..N), "device" (never offload), "cloud" (send the input), or "auto":
+    # for now the split with the fewest fp32 boundary bytes among the first half of the network.
+    split: int | str = "auto"
+    cloud: str | None = None  # HOST:PORT of `edgeexit serve`; None = device-only
+    client: Any = None  # runtime.client.ClientOptions (TLS, token, message limit)
+    encoding: str = "fp32"  # fp32 | fp16 | int8 (int8 uses the manifest's calibrated split quantization)
+    compress: bool = False  # zstd on the wire
+    deadline_ms: float = 1000.0  # per infer() call, device compute included
+    on_failure: str = "best-exit"  # or "finish-local"
+    retry: RetryOptions = field(default_factory=RetryOptions)
+    breaker: BreakerOptions = field(default_factory=BreakerOptions)
+
+
+@dataclass
+class Latency:
+    device_ms: float = 0.0  # segment compute on the device (fallback compute included)
+    encode_ms: float = 0.0
+    network_ms: float = 0.0  # offload call wall time, minus cloud compute when the server reports it
+    cloud_ms: float | None = None  # None: the server did not report it (then it is inside network_ms)
+    total_ms: float = 0.0
+
+
+@dataclass
+class Result:
+    labels: np.ndarray  # int64 [B]
+    probabilities: np.ndarray  # float32 [B, C]
+    exits: np.ndarray  # int32 [B]: the exit head that answered each row
+    decided: list[str]  # per row: "device" | "cloud" | "device-fallback"
+    latency: Latency
+    bytes_sent: int = 0
+    fallback_reason: str | None = None  # set when rows fell back
+
+    @property
+    def decided_codes(self) -> np.ndarray:
+        return np.array([DECIDED_CODES[d] for d in self.decided], np.int32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def auto_split(manifest: Manifest) -> int:
+    """Placeholder until the planner: the cheapest fp32 boundary among the first half of the network."""
+    half = max(1, len(manifest.segments) // 2)
+    candidates = manifest.split_points[:half]
+    if not candidates:
+        raise ConfigError("the bundle has a single segment: there is no split point; use --split device or cloud")
+
+    def fp32_bytes(p: Any) -> int:
+        return int(p.bytes_per_sample.get("fp32", p.tensor.sample_elements() * 4))
+
+    return min(candidates, key=lambda p: (fp32_bytes(p), p.index)).index
+
+
+def resolve_split(manifest: Manifest, split: int | str, has_cloud: bool) -> int | str:
+    """An int split point, "device" or "cloud"; validated against the bundle."""
+    if isinstance(split, str) and split not in SPLIT_WORDS:
+        try:
+            split = int(split)
+        except ValueError:
+            raise ConfigError(f"split {split!r} is not a number or one of {SPLIT_WORDS}") from None
+    if not has_cloud:
+        if split == "cloud":
+            raise ConfigError("split 'cloud' sends every input to the cloud: give the address (--cloud HOST:PORT)")
+        return "device"
+    if split == "auto":
+        return auto_split(manifest)
+    if isinstance(split, int):
+        last = len(manifest.split_points) - 1
+        if not 0 <= split <= last:
+            raise ConfigError(f"split {split} is outside this bundle's split points 0..{last}; "
+                              "use 'device' to run everything locally")
+    return split
+
+
+class _Pending:
+    """The rows not yet answered, with the exit logits computed for them so far."""
+
+    def __init__(self, batch: int, classes: int):
+        self.labels = np.zeros(batch, np.int64)
+        self.probs = np.zeros((batch, classes), np.float32)
+        self.exits = np.full(batch, -1, np.int32)
+        self.decided = [""] * batch
+        self.rows = np.arange(batch)
+        self.history: list[np.ndarray] = []
+        self.exit_ids: list[int] = []
+
+    def answer(self, mask: np.ndarray, labels: np.ndarray, probs: np.ndarray, exit_id: int, where: str) -> None:
+        for r, lab, p in zip(self.rows[mask], labels[mask], probs[mask], strict=True):
+            self.labels[r], self.probs[r], self.exits[r], self.decided[r] = lab, p, exit_id, where
+        keep = ~mask
+        self.rows = self.rows[keep]
+        self.history = [h[keep] for h in self.history]
+
+    @property
+    def empty(self) -> bool:
+        return len(self.rows) == 0
+
+
+class DeviceRuntime:
+    """Early-exit inference on the device with cloud offload, deadlines, retries and a circuit breaker."""
+
+    def __init__(self, bundle: Bundle | str | Path, options: DeviceOptions | None = None, *,
+                 client: CloudClient | None = None, clock: Any = time.monotonic,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None):
+        self.options = options or DeviceOptions()
+        o = self.options
+        if o.on_failure not in ON_FAILURE:
+            raise ConfigError(f"on_failure {o.on_failure!r}: choose one of {ON_FAILURE}")
+        if o.encoding not in codec.ENCODINGS:
+            raise ConfigError(f"encoding {o.encoding!r}: choose one of {codec.ENCODINGS}")
+        if o.deadline_ms <= 0:
+            raise ConfigError("deadline_ms must be positive")
+        self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads)
+        self.manifest = self.runner.manifest
+        self.split = resolve_split(self.manifest, o.split, has_cloud=client is not None or o.cloud is not None)
+        self.quant = self._wire_quant()
+        self.policy = _resolve_policy(self.manifest, o.policy)
+        self.link = LinkStats()
+        self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
+        self._clock = clock
+        self._on_event = on_event  # (event name, fields): the agent turns these into logs and metrics
+        self._client = client
+        if client is None and self.split != "device":
+            from edgeexit.runtime.client import InferenceClient
+
+            self._client = InferenceClient(o.cloud, o.client)
+        for k in self._segments_to_open():
+            self.runner.session(k)  # open now: no first-request stall, and no lazy-open race across threads
+
+    # -- public -------------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def cloud_model(self) -> str | None:
+        if self.split == "device":
+            return None
+        return self.manifest.name if self.split == "cloud" else f"{self.manifest.name}@{self.split}"
+
+    def infer(self, x: np.ndarray) -> Result:
+        """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
+        start = self._clock()
+        deadline = start + self.options.deadline_ms / 1000.0
+        x = self._check_input(x)
+        lat = Latency()
+        pend = _Pending(len(x), self.num_classes)
+        last_local = {"device": self.runner.num_segments - 1, "cloud": -1}.get(self.split, self.split)
+        cur = self._run_local(pend, x, 0, int(last_local), lat)
+        result_bytes, reason = 0, None
+        if not pend.empty:
+            result_bytes, reason = self._offload(pend, cur, deadline, lat)
+        lat.total_ms = (self._clock() - start) * 1000.0
+        return Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def _run_local(self, pend: _Pending, cur: np.ndarray, first: int, last: int, lat: Latency,
+                   where: str = DEVICE) -> np.ndarray:
+        """Run segments first..last on the pending rows, letting the policy answer rows at each exit."""
+        final_exit = len(self.manifest.exits) - 1
+        for k in range(first, last + 1):
+            t0 = self._clock()
+            out = self.runner.run_segment(k, cur)
+            lat.device_ms += (self._clock() - t0) * 1000.0
+            cur = out.boundary
+            for j in self.manifest.segments[k].exits:
+                pend.history.append(out.exits[j])
+                pend.exit_ids.append(j)
+                dec = self.policy.decide(pend.history)
+                mask = np.ones(len(pend.rows), bool) if j == final_exit else np.asarray(dec.mask, bool)
+                if mask.any():
+                    before = len(pend.rows)
+                    pend.answer(mask, np.asarray(dec.labels), np.asarray(dec.probs), j, where)
+                    if cur is not None and len(pend.rows) < before:
+                        cur = cur[~mask]
+            if pend.empty:
+                break
+        return cur
+
+    def _offload(self, pend: _Pending, cur: np.ndarray, deadline: float, lat: Latency) -> tuple[int, str | None]:
+        """Send the pending rows to the cloud; on any failure fall back locally. Returns (bytes sent, reason)."""
+        o = self.options
+        t0 = self._clock()
+        wire = codec.encode(cur, o.encoding, self.quant, o.compress)
+        lat.encode_ms = (self._clock() - t0) * 1000.0
+        input_name = self.manifest.input.name if self.split == "cloud" else f"boundary{self.split}"
+        request_id = uuid.uuid4().hex
+
+        def call(timeout: float) -> dict[str, np.ndarray]:
+            return self._client.infer(self.cloud_model, input_name, wire, timeout=timeout, request_id=request_id)
+
+        t1 = self._clock()
+        try:
+            outputs = call_with_retries(call, deadline, o.retry, self.breaker, clock=self._clock)
+            logits = self._deepest_exit(outputs, len(pend.rows))
+        except EdgeExitError as e:
+            lat.network_ms = (self._clock() - t1) * 1000.0
+            reason = f"{type(e).__name__}: {e}"
+            log.info("offload failed, falling back (%s)", reason)
+            self._emit("fallback", rows=len(pend.rows), reason=reason, error=type(e).__name__)
+            self._fallback(pend, cur, lat)
+            return 0, reason
+        elapsed = self._clock() - t1
+        lat.network_ms = elapsed * 1000.0
+        self.link.record(len(wire.data), elapsed)
+        probs = softmax(logits)
+        pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
+        return len(wire.data), None
+
+    def _fallback(self, pend: _Pending, cur: np.ndarray, lat: Latency) -> None:
+        if self.options.on_failure == "best-exit" and pend.history:
+            probs = [softmax(h) for h in pend.history]
+            conf = np.stack([p.max(1) for p in probs])  # [exits seen, rows]
+            best = conf.argmax(0)
+            for i, p in enumerate(probs):
+                mask = best == i
+                if mask.any():
+                    pend.answer(mask, p.argmax(1), p, pend.exit_ids[i], FALLBACK)
+                    best = best[~mask]
+                    probs = [q[~mask] for q in probs]
+            return
+        # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
+        first = 0 if self.split == "cloud" else int(self.split) + 1
+        self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _deepest_exit(self, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
+        names = [n for n in outputs if n.startswith("exit") and n[4:].isdigit()]
+        if not names:
+            raise InvalidTensor(f"the cloud answered without exit logits (outputs {sorted(outputs)})")
+        logits = np.asarray(outputs[max(names, key=lambda n: int(n[4:]))], np.float32)
+        if logits.shape != (rows, self.num_classes):
+            raise InvalidTensor(f"cloud logits have shape {list(logits.shape)}, expected [{rows}, {self.num_classes}]")
+        return logits
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise InvalidTensor(f"input dtype {x.dtype}: send float32 pixels in [0, 1]")
+            x = x.astype(np.float32)
+        want = self.manifest.input.shape
+        if x.ndim != len(want) or x.shape[0] == 0:
+            raise InvalidTensor(f"input shape {list(x.shape)}: expected a non-empty batch of {want}")
+        if not np.isfinite(x).all():
+            raise InvalidTensor("input contains NaN or inf")
+        return self.runner.normalize(x)
+
+    def _wire_quant(self) -> dict[str, float] | None:
+        if self.options.encoding != "int8" or self.split == "device":
+            return None
+        if self.split == "cloud":
+            raise ConfigError("int8 needs calibrated quantisation, and the raw input has none; "
+                              "use --encoding fp16 or fp32 with --split cloud")
+        q = self.manifest.split_points[int(self.split)].quantization
+        if not q:
+            raise ConfigError(f"split {self.split} has no calibrated int8 quantisation; run "
+                              "`edgeexit calibrate BUNDLE` first, or use --encoding fp16")
+        return q
+
+    def _segments_to_open(self) -> range:
+        if self.split == "device" or self.options.on_failure == "finish-local" or self.split == "cloud":
+            return range(self.runner.num_segments)
+        return range(int(self.split) + 1)
+
+    def _breaker_changed(self, old: str, new: str) -> None:
+        log.warning("circuit %s -> %s", old, new)
+        self._emit("circuit", old=old, new=new)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event, fields)
+
+
+def _resolve_policy(manifest: Manifest, policy: Any) -> Any:
+    from edgeexit.policies import policy_from_manifest
+
+    if policy is None or isinstance(policy, str):
+        return policy_from_manifest(manifest, policy)
+    if not hasattr(policy, "decide"):
+        raise ConfigError(f"policy must be a kind name or an ExitPolicy, got {type(policy).__name__}")
+    return policy

@@ -1,0 +1,111 @@
+"""Uplink bandwidth and RTT estimated from the timing of real offloads, robust to outliers.
+
+Each offload gives one sample: bytes sent and the network time (wall time of the call minus the cloud's own
+compute when the server reports it). The link model is ``time = rtt + bytes / bandwidth``. Over a window of
+recent samples we fit it with the Theil-Sen estimator (median of pairwise slopes, median intercept), which
+ignores up to ~29% outliers (a GC pause, a retransmit burst) where a mean or least squares would not. When
+every sample has the same size the two terms cannot be separated: RTT then comes from explicit probes
+(``record_rtt``, e.g. timing ``client.ready()``) and the bandwidth is the median of ``bytes / (time - rtt)``.
+The fitted values are smoothed with an EWMA so a single window shift does not make the planner flap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+# Distinct payload sizes must differ by this factor before their slope is trusted (avoids dividing noise).
+_MIN_SIZE_RATIO = 1.05
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    bandwidth_bps: float | None  # uplink bits per second; None until there is a usable sample
+    rtt_s: float | None  # round-trip time in seconds; None until known
+    samples: int  # offload samples in the window
+
+    def transfer_s(self, nbytes: int) -> float | None:
+        """Expected network time of one offload of ``nbytes`` (None while unknown)."""
+        if self.bandwidth_bps is None:
+            return None
+        return (self.rtt_s or 0.0) + 8.0 * nbytes / self.bandwidth_bps
+
+
+class LinkStats:
+    """Thread-safe window of offload samples with a robust ``estimate()``."""
+
+    def __init__(self, window: int = 32, smoothing: float = 0.3):
+        if window < 2:
+            raise ValueError("window must hold at least 2 samples")
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError("smoothing must be in (0, 1]")
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self._rtts: deque[float] = deque(maxlen=window)
+        self._smoothing = smoothing
+        self._bw: float | None = None
+        self._rtt: float | None = None
+        self._lock = threading.Lock()
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        """One offload: ``nbytes`` on the wire took ``seconds`` of network time."""
+        if seconds <= 0 or nbytes < 0:
+            return  # clock glitch; a non-positive duration carries no information
+        with self._lock:
+            self._samples.append((float(nbytes), float(seconds)))
+            self._update()
+
+    def record_rtt(self, seconds: float) -> None:
+        """An empty round trip (health probe): pure RTT."""
+        if seconds <= 0:
+            return
+        with self._lock:
+            self._rtts.append(float(seconds))
+            self._update()
+
+    def estimate(self) -> LinkEstimate:
+        with self._lock:
+            return LinkEstimate(self._bw, self._rtt, len(self._samples))
+
+    def _update(self) -> None:
+        bw, rtt = _fit(list(self._samples), list(self._rtts))
+        self._rtt = _ewma(self._rtt, rtt, self._smoothing)
+        self._bw = _ewma(self._bw, bw, self._smoothing)
+
+
+def _ewma(old: float | None, new: float | None, alpha: float) -> float | None:
+    if new is None:
+        return old
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+def _fit(samples: list[tuple[float, float]], rtts: list[float]) -> tuple[float | None, float | None]:
+    """(bandwidth bits/s, rtt s) from the window; either may be None."""
+    probe_rtt = float(np.median(rtts)) if rtts else None
+    if not samples:
+        return None, probe_rtt
+    b = np.array([s[0] for s in samples])
+    t = np.array([s[1] for s in samples])
+    slope = _theil_sen_slope(b, t)
+    if slope is not None and slope > 0:
+        rtt = probe_rtt if probe_rtt is not None else max(float(np.median(t - slope * b)), 0.0)
+        return 8.0 / slope, rtt
+    rtt = probe_rtt if probe_rtt is not None else 0.0
+    payload = t - rtt
+    ok = (payload > 0) & (b > 0)
+    if not ok.any():
+        return None, rtt
+    return float(np.median(8.0 * b[ok] / payload[ok])), rtt
+
+
+def _theil_sen_slope(b: np.ndarray, t: np.ndarray) -> float | None:
+    """Median seconds-per-byte over pairs whose sizes differ enough; None if no such pair."""
+    i, j = np.triu_indices(len(b), k=1)
+    lo, hi = np.minimum(b[i], b[j]), np.maximum(b[i], b[j])
+    usable = hi > lo * _MIN_SIZE_RATIO
+    if not usable.any():
+        return None
+    i, j = i[usable], j[usable]
+    return float(np.median((t[j] - t[i]) / (b[j] - b[i])))

@@ -1,0 +1,87 @@
+"""The device side's OIP v2 client for offloading a boundary tensor to the cloud service.
+
+Every failure becomes an edgeexit error (``status.error_for``) carrying the server's message, so the device
+runtime decides on fallback by exception type alone: LinkTimeout, PeerUnavailable, InvalidTensor, OffloadError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor, OffloadError
+from edgeexit.runtime.codec import WireTensor
+from edgeexit.runtime.oip_messages import outputs_from_pb, params_to_pb
+from edgeexit.runtime.proto import grpc_service_pb2 as pb
+from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
+from edgeexit.runtime.security import bearer_metadata, channel_credentials
+from edgeexit.runtime.status import error_for
+
+
+@dataclass
+class ClientOptions:
+    tls_ca: str | None = None  # PEM path of the CA that signed the server cert (enables TLS)
+    tls_cert: str | None = None  # client cert/key for mTLS
+    tls_key: str | None = None
+    token: str | None = None  # sent as `authorization: Bearer <token>`
+    max_message_bytes: int = 64 << 20
+
+
+class InferenceClient:
+    """A channel to one OIP v2 server. Thread-safe; reuse one per target."""
+
+    def __init__(self, target: str, options: ClientOptions | None = None):
+        self.target = target
+        self.options = options or ClientOptions()
+        o = self.options
+        channel_options = [
+            ("grpc.max_receive_message_length", o.max_message_bytes),
+            ("grpc.max_send_message_length", o.max_message_bytes),
+            # Reconnect quickly after an outage: the circuit breaker probes with ready().
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if o.tls_ca:
+            creds = channel_credentials(o.tls_ca, o.tls_cert, o.tls_key)
+            self._channel = grpc.secure_channel(target, creds, options=channel_options)
+        else:
+            if o.tls_cert or o.tls_key:
+                raise ConfigError("a client certificate needs tls_ca too (the CA that signed the server cert)")
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._metadata = bearer_metadata(o.token)
+
+    def infer(self, model: str, input_name: str, tensor: WireTensor, *, timeout: float,
+              request_id: str = "") -> dict[str, np.ndarray]:
+        """Send one tensor; return output name -> float32 array. Raises edgeexit errors (see module doc)."""
+        req = pb.ModelInferRequest(model_name=model, id=request_id)
+        req.inputs.add(name=input_name, datatype=tensor.datatype, shape=list(tensor.shape))
+        req.raw_input_contents.append(bytes(tensor.data))
+        params_to_pb(tensor.params, req.parameters)
+        try:
+            resp = self._stub.ModelInfer(req, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise error_for(e.code(), e.details() or "") from None
+        try:
+            return {k: v.astype(np.float32, copy=False) for k, v in outputs_from_pb(resp).items()}
+        except InvalidTensor as e:
+            raise OffloadError(f"the cloud sent a malformed response: {e}") from e
+
+    def ready(self, timeout: float = 1.0) -> bool:
+        """ServerReady; False on any failure (unreachable, refused, timeout)."""
+        try:
+            return bool(self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout,
+                                               metadata=self._metadata).ready)
+        except (grpc.RpcError, EdgeExitError):
+            return False
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,161 @@
+"""Plain Python views of Open Inference Protocol messages, and the conversions to and from protobuf.
+
+Handlers never see protobuf: the servicer decodes a ModelInferRequest into an ``InferRequest`` and encodes the
+handler's ``InferResponse`` back. The client uses the same conversions for parameters and outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeexit.errors import InvalidTensor
+from edgeexit.runtime.proto import grpc_service_pb2 as pb
+
+ParamValue = bool | int | float | str
+
+# Protocol datatype <-> numpy dtype for the tensors we send back (and accept as typed contents).
+DATATYPE_NUMPY = {
+    "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+NUMPY_DATATYPE = {np.dtype(v): k for k, v in DATATYPE_NUMPY.items()}
+# Which InferTensorContents field carries which datatype when a client does not send raw bytes.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+@dataclass
+class TensorMeta:
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for a variable axis (batch)
+
+
+@dataclass
+class ModelMetadata:
+    name: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    platform: str = "edgeexit"
+    versions: list[str] = field(default_factory=lambda: ["1"])
+
+
+@dataclass
+class InputTensor:
+    datatype: str
+    shape: list[int]
+    data: bytes  # raw row-major bytes, as sent (maybe compressed: see params)
+    params: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass
+class InferRequest:
+    model: str
+    inputs: dict[str, InputTensor]
+    params: dict[str, ParamValue] = field(default_factory=dict)
+    id: str = ""
+    outputs: list[str] = field(default_factory=list)  # requested outputs; empty means all
+
+
+@dataclass
+class InferResponse:
+    outputs: dict[str, np.ndarray]
+    params: dict[str, ParamValue] = field(default_factory=dict)
+
+
+def param_value(p: pb.InferParameter) -> ParamValue | None:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def params_from_pb(mapping) -> dict[str, ParamValue]:
+    return {k: v for k, p in mapping.items() if (v := param_value(p)) is not None}
+
+
+def params_to_pb(params: dict[str, ParamValue], mapping) -> None:
+    """Fill a protobuf ``map<string, InferParameter>`` (bool before int: bool is an int in Python)."""
+    for key, value in params.items():
+        if isinstance(value, bool | np.bool_):
+            mapping[key].bool_param = bool(value)
+        elif isinstance(value, int | np.integer):
+            mapping[key].int64_param = int(value)
+        elif isinstance(value, float | np.floating):
+            mapping[key].double_param = float(value)
+        elif isinstance(value, str):
+            mapping[key].string_param = value
+        else:
+            raise InvalidTensor(f"parameter {key!r} has unsupported type {type(value).__name__}")
+
+
+def _typed_contents_bytes(t: pb.ModelInferRequest.InferInputTensor) -> bytes:
+    name = _CONTENTS_FIELD.get(t.datatype)
+    if name is None or t.datatype not in DATATYPE_NUMPY:
+        raise InvalidTensor(f"input {t.name!r}: {t.datatype} data must travel as raw_input_contents")
+    values = getattr(t.contents, name)
+    return np.asarray(values, dtype=DATATYPE_NUMPY[t.datatype]).tobytes()
+
+
+def request_from_pb(req: pb.ModelInferRequest) -> InferRequest:
+    """Decode a ModelInferRequest; raises InvalidTensor when raw contents and inputs do not line up."""
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidTensor(f"{len(req.inputs)} inputs but {len(raw)} raw_input_contents; send one per input")
+    inputs: dict[str, InputTensor] = {}
+    for i, t in enumerate(req.inputs):
+        if t.name in inputs:
+            raise InvalidTensor(f"input {t.name!r} appears twice; send each input once")
+        if raw and t.HasField("contents"):
+            raise InvalidTensor(f"input {t.name!r} has typed contents and raw_input_contents; send only one")
+        data = raw[i] if raw else _typed_contents_bytes(t)
+        inputs[t.name] = InputTensor(t.datatype, [int(d) for d in t.shape], data, params_from_pb(t.parameters))
+    return InferRequest(model=req.model_name, inputs=inputs, params=params_from_pb(req.parameters), id=req.id,
+                        outputs=[o.name for o in req.outputs])
+
+
+def response_to_pb(model: str, request_id: str, resp: InferResponse, wanted: list[str]) -> pb.ModelInferResponse:
+    names = wanted or list(resp.outputs)
+    missing = [n for n in names if n not in resp.outputs]
+    if missing:
+        raise InvalidTensor(f"requested outputs {missing} do not exist; this model has {sorted(resp.outputs)}")
+    out = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    params_to_pb(resp.params, out.parameters)
+    for name in names:
+        arr = np.ascontiguousarray(resp.outputs[name])
+        datatype = NUMPY_DATATYPE.get(arr.dtype)
+        if datatype is None:
+            raise TypeError(f"output {name!r} has dtype {arr.dtype}, which the protocol cannot carry")
+        out.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+        out.raw_output_contents.append(arr.tobytes())
+    return out
+
+
+def outputs_from_pb(resp: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Output name -> numpy array (in the datatype sent) from a ModelInferResponse with raw contents."""
+    raw = list(resp.raw_output_contents)
+    if len(raw) != len(resp.outputs):
+        raise InvalidTensor(f"response has {len(resp.outputs)} outputs but {len(raw)} raw contents")
+    result: dict[str, np.ndarray] = {}
+    for t, data in zip(resp.outputs, raw, strict=True):
+        dtype = DATATYPE_NUMPY.get(t.datatype)
+        if dtype is None:
+            raise InvalidTensor(f"output {t.name!r} has datatype {t.datatype}, which edgeexit cannot read")
+        shape = [int(d) for d in t.shape]
+        if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize != len(data):
+            raise InvalidTensor(f"output {t.name!r}: {len(data)} bytes do not fit shape {shape} of {t.datatype}")
+        result[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return result
+
+
+def metadata_to_pb(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    out = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform)
+    for t in meta.inputs:
+        out.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    for t in meta.outputs:
+        out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    return out

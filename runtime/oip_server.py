@@ -1,0 +1,188 @@
+"""A generic Open Inference Protocol v2 gRPC server, shared by the cloud service and the device agent.
+
+A server hosts ``ModelHandler`` objects (one per model name). The servicer decodes protobuf into plain
+dataclasses (``oip_messages``), calls the handler, and maps raised edgeexit errors to gRPC statuses in one
+place (``status``). ``build_server`` adds TLS / mTLS, a bearer-token interceptor, deliberately raised
+message limits, the standard gRPC health service and Prometheus metrics; ``stop(grace)`` drains.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.metrics import ServerMetrics
+from edgeexit.runtime.oip_messages import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    metadata_to_pb,
+    request_from_pb,
+    response_to_pb,
+)
+from edgeexit.runtime.proto import grpc_service_pb2 as pb
+from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
+from edgeexit.runtime.security import TokenInterceptor, server_credentials
+from edgeexit.runtime.status import ModelNotFound, grpc_status, status_for
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+@runtime_checkable
+class ModelHandler(Protocol):
+    """One servable model. ``infer`` raises edgeexit errors for bad requests (mapped to statuses)."""
+
+    name: str
+
+    def metadata(self) -> ModelMetadata: ...
+
+    def ready(self) -> bool: ...
+
+    def infer(self, request: InferRequest) -> InferResponse: ...
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port; the bound one is ServerHandle.port
+    tls_cert: str | None = None  # PEM server certificate (with tls_key: TLS)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA that must have signed client certificates (mTLS)
+    token: str | None = None  # require `authorization: Bearer <token>` on every inference RPC
+    max_message_bytes: int = 64 << 20  # gRPC's 4 MB default is too small for real boundary tensors
+    workers: int = 16  # gRPC handler threads (concurrent requests in flight)
+    metrics_port: int | None = None  # serve Prometheus /metrics over HTTP here (0 picks a port)
+    server_name: str = "edgeexit"
+    server_version: str = "0.1.0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """OIP v2 servicer over a dict of handlers; usable in-process (tests call its methods directly)."""
+
+    def __init__(self, handlers: list[ModelHandler], metrics: ServerMetrics | None = None,
+                 name: str = "edgeexit", version: str = "0.1.0"):
+        self.handlers = {h.name: h for h in handlers}
+        if len(self.handlers) != len(handlers):
+            raise ConfigError("two handlers share a model name; every model name must be unique")
+        self.metrics = metrics or ServerMetrics()
+        self.name, self.version = name, version
+
+    def handler(self, model: str) -> ModelHandler:
+        h = self.handlers.get(model)
+        if h is None:
+            raise ModelNotFound(f"model {model!r} is not served here; available: {sorted(self.handlers)}")
+        return h
+
+    @grpc_status
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @grpc_status
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=all(h.ready() for h in self.handlers.values()))
+
+    @grpc_status
+    def ModelReady(self, request, context):
+        h = self.handlers.get(request.name)
+        return pb.ModelReadyResponse(ready=bool(h is not None and h.ready()))
+
+    @grpc_status
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=self.name, version=self.version, extensions=[])
+
+    @grpc_status
+    def ModelMetadata(self, request, context):
+        return metadata_to_pb(self.handler(request.name).metadata())
+
+    def ModelInfer(self, request, context):
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            decoded = request_from_pb(request)
+            response = self.handler(decoded.model).infer(decoded)
+            return response_to_pb(decoded.model, decoded.id, response, decoded.outputs)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status; the server keeps serving
+            code, message = status_for(e)
+        finally:
+            # Unknown model names are client-chosen strings: label them together to bound cardinality.
+            label = request.model_name if request.model_name in self.handlers else "<unknown>"
+            self.metrics.observe_request(label, code.name, time.perf_counter() - start)
+        context.abort(code, message)
+
+
+class ServerHandle:
+    """A built server: ``start()``, the bound ``port``, ``stop(grace)`` that drains, metrics."""
+
+    def __init__(self, server: grpc.Server, port: int, servicer: InferenceServicer,
+                 health_servicer: health.HealthServicer, options: ServerOptions):
+        self.server, self.port, self.servicer = server, port, servicer
+        self.health, self.options = health_servicer, options
+        self.metrics = servicer.metrics
+        self.metrics_port: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.options.host}:{self.port}"
+
+    def start(self) -> ServerHandle:
+        self.server.start()
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
+        return self
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop (blocks)."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        for h in self.servicer.handlers.values():
+            close = getattr(h, "close", None)
+            if callable(close):
+                close()
+        self.metrics.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout)
+
+
+def build_server(handlers: list[ModelHandler], options: ServerOptions | None = None) -> ServerHandle:
+    """Build (and bind, not start) a server for ``handlers``. Call ``.start()`` on the result."""
+    options = options or ServerOptions()
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    if options.tls_client_ca and not options.tls_cert:
+        raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key as well")
+    if options.max_message_bytes <= 0 or options.workers <= 0:
+        raise ConfigError("max message bytes and workers must be positive")
+    grpc_options = [
+        ("grpc.max_receive_message_length", options.max_message_bytes),
+        ("grpc.max_send_message_length", options.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else is serving on
+    ]
+    interceptors = [TokenInterceptor(options.token)] if options.token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="oip"),
+                         interceptors=interceptors, options=grpc_options,
+                         maximum_concurrent_rpcs=None)
+    servicer = InferenceServicer(handlers, ServerMetrics(), options.server_name, options.server_version)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{options.host}:{options.port}"
+    try:
+        if options.tls_cert:
+            creds = server_credentials(options.tls_cert, options.tls_key, options.tls_client_ca)
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise ConfigError(f"cannot listen on {address} ({e}); pick another --host/--port") from e
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}; the port is taken or the host is not local")
+    return ServerHandle(server, port, servicer, health_servicer, options)

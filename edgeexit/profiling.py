@@ -1,0 +1,94 @@
+"""Measure a bundle's per-segment latency and the wire codec's cost on this machine (torch-free).
+
+Segments are timed interleaved (seg0, seg1, ..., seg0, seg1, ...) so that a noisy neighbour slows all of
+them alike; medians and p90s are kept. The result is a :class:`LatencyProfile` the planner reads.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgeexit.bundle import BATCH
+from edgeexit.profiles import LatencyProfile
+from edgeexit.runtime import codec
+from edgeexit.runtime.runner import SegmentRunner
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t) * 1e3
+
+
+def _inputs_per_segment(runner: SegmentRunner, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    spec = runner.manifest.input
+    shape = [batch if d == BATCH else int(d) for d in spec.shape]
+    x = rng.random(shape, dtype=np.float32)
+    feeds = [x]
+    for k in range(runner.num_segments - 1):
+        feeds.append(runner.run_segment(k, feeds[-1]).boundary)
+    return feeds
+
+
+def measure_profile(runner: SegmentRunner, batches: Sequence[int] = (1,), repeats: int = 30, warmup: int = 3,
+                    progress: bool = False) -> LatencyProfile:
+    """Median and p90 latency of every segment per batch size, and codec cost per split point (batch 1)."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(0)
+    median: dict[int, list[float]] = {}
+    p90: dict[int, list[float]] = {}
+    boundaries: list[np.ndarray] = []
+    bar = tqdm(total=len(batches) * (repeats + warmup), desc="profile", disable=not progress, unit="round")
+    for b in batches:
+        feeds = _inputs_per_segment(runner, b, rng)
+        if b == 1:
+            boundaries = feeds[1:]
+        times = np.zeros((repeats, runner.num_segments))
+        for r in range(-warmup, repeats):
+            for k in range(runner.num_segments):
+                t = _timed(runner.run_segment, k, feeds[k])
+                if r >= 0:
+                    times[r, k] = t
+            bar.update()
+        median[b] = [float(v) for v in np.median(times, axis=0)]
+        p90[b] = [float(v) for v in np.percentile(times, 90, axis=0)]
+    bar.close()
+    if not boundaries:
+        boundaries = _inputs_per_segment(runner, 1, rng)[1:]
+    enc_ms, dec_ms = _codec_costs(runner, boundaries, repeats)
+    return LatencyProfile(runner.backend, runner.threads, median, p90, enc_ms, dec_ms,
+                          host=f"{platform.node()} {platform.machine()}")
+
+
+def _codec_costs(runner: SegmentRunner, boundaries: list[np.ndarray], repeats: int
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    enc_ms: dict[str, list[float]] = {}
+    dec_ms: dict[str, list[float]] = {}
+    for enc in codec.ENCODINGS:
+        for s, x in enumerate(boundaries):
+            quant = runner.manifest.split_points[s].quantization
+            if enc == "int8" and not quant:
+                break
+            e_t, d_t = [], []
+            for _ in range(max(5, repeats // 3)):
+                t = time.perf_counter()
+                w = codec.encode(x, enc, quant=quant)
+                e_t.append((time.perf_counter() - t) * 1e3)
+                d_t.append(_timed(codec.decode, w.data, w.datatype, w.shape, w.params))
+            enc_ms.setdefault(enc, []).append(float(np.median(e_t)))
+            dec_ms.setdefault(enc, []).append(float(np.median(d_t)))
+    return enc_ms, dec_ms
+
+
+def profile_table(profile: LatencyProfile) -> str:
+    lines = ["| batch | " + " | ".join(f"seg{k} ms" for k in range(len(next(iter(profile.segment_ms.values())))))
+             + " | total ms |"]
+    lines.append("|---" * (len(lines[0].split("|")) - 2) + "|")
+    for b, vals in sorted(profile.segment_ms.items()):
+        lines.append(f"| {b} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals):.3f} |")
+    return "\n".join(lines)

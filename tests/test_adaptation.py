@@ -1,0 +1,79 @@
+"""Online adaptation: the planner adapter follows the measured bandwidth with hysteresis; the bandit learns."""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from edgeexit.planner import ExitSetting, Planner
+from edgeexit.profiles import NetworkProfile
+from edgeexit.runtime.adaptation import AdaptOptions, BanditAdapter, PlannerAdapter, candidate_split
+from edgeexit.runtime.link_stats import LinkStats
+from tests.test_planner import profile, synthetic
+
+
+def _adapter(clock=None):
+    # boundaries shrink with depth; a heavy last segment makes offloading worth it on a good link
+    manifest = synthetic(3, [20000, 5000])
+    planner = Planner(manifest, profile([2, 2, 40]), profile([0.1, 0.1, 0.5]),
+                      settings=[ExitSetting("s", (), (0.3, 0.2))])
+    link = LinkStats(window=8, smoothing=1.0)
+    kw = {"clock": clock} if clock else {}
+    return PlannerAdapter(planner, NetworkProfile("x", 50, 50, 5), link, AdaptOptions(), **kw), link, manifest
+
+
+def _feed(link, manifest, split, mbit, n, rtt_s=0.005):
+    for i in range(n):
+        nbytes = manifest.split_points[split].bytes_per_sample["int8"] * (1 + i % 3)  # varied sizes: separable
+        link.record(nbytes, rtt_s + nbytes * 8 / (mbit * 1e6))
+
+
+def test_split_follows_bandwidth_down_and_back():
+    adapter, link, manifest = _adapter()
+    good = adapter.choose()
+    assert good.strategy in ("split", "cloud-only")
+    _feed(link, manifest, 1, 1.0, 8)
+    bad = adapter.choose()
+    assert bad.label != good.label and bad.latency_ms > good.latency_ms
+    depth = {"cloud-only": -1, "device-only": 99}
+    assert depth.get(bad.strategy, bad.split) >= depth.get(good.strategy, good.split)  # no deeper cloud use
+    _feed(link, manifest, 1, 50.0, 8)
+    assert adapter.choose().label == good.label
+    assert adapter.replans == 2
+
+
+def test_hysteresis_ignores_small_changes():
+    adapter, link, manifest = _adapter()
+    first = adapter.choose()
+    _feed(link, manifest, 1, 42.0, 8)  # within 35% of 50
+    assert adapter.choose() is first and adapter.replans == 0
+
+
+def test_probe_only_while_nothing_is_offloaded():
+    now = [0.0]
+    adapter, link, manifest = _adapter(clock=lambda: now[0])
+    assert not adapter.probe_due()  # offloading: real requests are the samples
+    _feed(link, manifest, 1, 0.05, 8)  # terrible link -> device-only
+    assert adapter.choose().strategy == "device-only"
+    now[0] += 2.0
+    assert adapter.probe_due() and not adapter.probe_due()  # once per interval
+    assert adapter.probe_split() == 1  # the boundary with the fewest bytes
+    assert candidate_split(adapter.choice) == "device"
+
+
+def _result(conf, device_ms, network_ms):
+    probs = np.array([[conf, 1 - conf]], np.float32)
+    lat = SimpleNamespace(device_ms=device_ms, encode_ms=0.0, network_ms=network_ms, cloud_ms=0.0)
+    return SimpleNamespace(probabilities=probs, latency=lat)
+
+
+def test_bandit_converges_to_the_best_arm():
+    rng = np.random.default_rng(0)
+    bandit = BanditAdapter(3, device_ms=[5, 5, 5, 5], options=AdaptOptions(mode="bandit", mu=0.5))
+    # arm outcomes (confidence, device ms, network ms): split 1 is cheap and confident
+    env = {0: (0.9, 5, 30), 1: (0.95, 10, 3), 2: (0.96, 15, 25), "device": (0.97, 20, 0)}
+    for _ in range(400):
+        arm = bandit.choose()
+        conf, dev, net = env[arm]
+        bandit.observe(arm, _result(min(conf + rng.normal(0, 0.02), 1), dev, net * rng.uniform(0.8, 1.2)))
+    assert bandit.best() == 1
+    assert bandit.counts[1] > 0.6 * bandit.counts.sum()  # UCB1 keeps exploring, so not all

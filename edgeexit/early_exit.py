@@ -1,0 +1,154 @@
+"""Run a bundle with early exits, batched, with regrouping; and simulate policies on precomputed exit logits.
+
+Regrouping: rows that exit at exit ``j`` leave the batch, and only the continuing rows go through the next
+segment (DeeBERT/PABEE research code breaks at batch > 1; this does not). Several exits may live in one
+segment: they are decided in order, rows leaving after each.
+
+``ExitTrace`` is the offline twin: the logits of every exit are computed once (``collect_logits``), each
+policy's per-exit scores once, and then any threshold vector is applied with a few vectorised comparisons.
+Calibration and evaluation sweeps rely on it; a test proves it equals ``run_early_exit`` exactly.
+Torch-free (numpy only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeexit.errors import ConfigError
+from edgeexit.policies import ExitPolicy, final_answer
+
+if TYPE_CHECKING:  # keeps onnxruntime out of import time
+    from edgeexit.bundle import Manifest
+    from edgeexit.runtime.runner import SegmentRunner
+
+
+@dataclass
+class EarlyExitResult:
+    labels: np.ndarray  # int64[N]: the answer
+    exit_index: np.ndarray  # int64[N]: the exit that answered
+    probs: np.ndarray  # float32[N, C]: the probabilities the policy used for the answer
+    segment_flops: np.ndarray  # int64[N]: FLOPs of the segments actually run for each row
+    seconds: float = 0.0  # wall time of the whole run
+
+    def exit_rates(self, num_exits: int) -> np.ndarray:
+        return np.bincount(self.exit_index, minlength=num_exits) / max(len(self.exit_index), 1)
+
+
+def executed_flops(manifest: Manifest) -> list[int]:
+    """Per exit: FLOPs of the segments run to reach it (segments 0..segment(j), whole segments)."""
+    seg_cum = np.cumsum([s.flops for s in manifest.segments])
+    return [int(seg_cum[e.segment]) for e in manifest.exits]
+
+
+def _batches(n: int, batch_size: int) -> range:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return range(0, n, batch_size)
+
+
+def _run_batch(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, out: EarlyExitResult, rows: np.ndarray):
+    manifest = runner.manifest
+    flops = executed_flops(manifest)
+    active = rows  # global row indices still in the batch
+    cur = x
+    history: list[np.ndarray] = []
+    for k in range(runner.num_segments):
+        seg_out = runner.run_segment(k, cur)
+        boundary = seg_out.boundary
+        for j in manifest.segments[k].exits:
+            history.append(seg_out.exits[j])
+            d = policy.decide(history)
+            if d.mask.any():
+                gone = active[d.mask]
+                out.labels[gone] = d.labels[d.mask]
+                out.exit_index[gone] = j
+                out.probs[gone] = d.probs[d.mask]
+                out.segment_flops[gone] = flops[j]
+            keep = ~d.mask
+            if keep.all():
+                continue
+            # Regroup: every per-row array of the continuing batch drops the rows that left.
+            active = active[keep]
+            history = [h[keep] for h in history]
+            seg_out.exits = {i: v[keep] for i, v in seg_out.exits.items()}
+            if boundary is not None:
+                boundary = boundary[keep]
+            if not len(active):
+                return
+        cur = boundary
+
+
+def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, batch_size: int = 256,
+                   normalized: bool = False, progress: Callable[[int], None] | None = None) -> EarlyExitResult:
+    """Classify ``x`` with early exits. ``x`` is raw (as ``edgeexit.datasets.load`` returns it) unless
+    ``normalized``; ``progress(n)`` is called after each batch with the number of rows done."""
+    n_exits = len(runner.manifest.exits)
+    if policy.num_exits != n_exits:
+        raise ConfigError(f"policy has thresholds for {policy.num_exits} exits, bundle has {n_exits}; "
+                          "calibrate the policy for this bundle")
+    n = len(x)
+    c = runner.manifest.num_classes
+    out = EarlyExitResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros((n, c), np.float32),
+                          np.zeros(n, np.int64))
+    t0 = time.perf_counter()
+    for s in _batches(n, batch_size):
+        xb = x[s:s + batch_size]
+        xb = xb if normalized else runner.normalize(xb)
+        _run_batch(runner, policy, np.ascontiguousarray(xb, dtype=np.float32), out, np.arange(s, s + len(xb)))
+        if progress:
+            progress(len(xb))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def collect_logits(runner: SegmentRunner, x: np.ndarray, batch_size: int = 256,
+                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Every exit's logits for raw inputs ``x`` (no early exit), shallowest first: [num_exits] x [N, C]."""
+    parts: list[list[np.ndarray]] = [[] for _ in runner.manifest.exits]
+    for s in _batches(len(x), batch_size):
+        xb = runner.normalize(np.ascontiguousarray(x[s:s + batch_size], dtype=np.float32))
+        for j, logits in enumerate(runner.run_all(xb)):
+            parts[j].append(logits)
+        if progress:
+            progress(len(xb))
+    return [np.concatenate(p) for p in parts]
+
+
+@dataclass
+class ExitTrace:
+    """One policy's scores and labels at every exit for a fixed set of rows (thresholds not applied yet)."""
+
+    policy: ExitPolicy
+    scores: np.ndarray  # float64[E-1, N], early exits only
+    labels: np.ndarray  # int64[E, N], the last row is the final exit's answer
+
+    @classmethod
+    def build(cls, policy: ExitPolicy, logits: Sequence[np.ndarray]) -> ExitTrace:
+        if len(logits) != policy.num_exits:
+            raise ConfigError(f"policy has {policy.num_exits} exits, logits of {len(logits)} were given")
+        history = list(logits)
+        scores, labels = [], []
+        for j in range(len(history) - 1):
+            s = policy.score(history[: j + 1])
+            scores.append(s.score)
+            labels.append(s.labels)
+        labels.append(final_answer(history[-1]).labels)
+        n = len(history[0])
+        return cls(policy, np.asarray(scores, np.float64).reshape(len(history) - 1, n), np.asarray(labels))
+
+    def subset(self, idx: np.ndarray) -> ExitTrace:
+        return ExitTrace(self.policy, self.scores[:, idx], self.labels[:, idx])
+
+    def apply(self, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, exit_index) for every row under ``thresholds`` (one per early exit)."""
+        n = self.labels.shape[1]
+        exits = np.ones((self.labels.shape[0], n), dtype=bool)
+        for j in range(len(thresholds)):
+            exits[j] = self.policy.compare(self.scores[j], thresholds[j])
+        exit_index = exits.argmax(axis=0)  # the first exit that passes; the final one always does
+        return self.labels[exit_index, np.arange(n)], exit_index

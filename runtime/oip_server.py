@@ -150,8 +150,12 @@ class ServerHandle:
         return self.server.wait_for_termination(timeout)
 
 
-def build_server(handlers: list[ModelHandler], options: ServerOptions | None = None) -> ServerHandle:
-    """Build (and bind, not start) a server for ``handlers``. Call ``.start()`` on the result."""
+def build_server(handlers: list[ModelHandler], options: ServerOptions | None = None,
+                 metrics: ServerMetrics | None = None) -> ServerHandle:
+    """Build (and bind, not start) a server for ``handlers``. Call ``.start()`` on the result.
+
+    Pass ``metrics`` when the handlers record into it too (e.g. batch sizes); by default a fresh registry.
+    """
     options = options or ServerOptions()
     if (options.tls_cert is None) != (options.tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
@@ -168,7 +172,7 @@ def build_server(handlers: list[ModelHandler], options: ServerOptions | None = N
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="oip"),
                          interceptors=interceptors, options=grpc_options,
                          maximum_concurrent_rpcs=None)
-    servicer = InferenceServicer(handlers, ServerMetrics(), options.server_name, options.server_version)
+    servicer = InferenceServicer(handlers, metrics or ServerMetrics(), options.server_name, options.server_version)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -39,7 +39,7 @@ def _post_process(text: str) -> str:
 
 
 def generate(out_dir: Path = STUB_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]:
-    """Write ``*_pb2.py``, ``*_pb2.pyi`` and ``*_pb2_grpc.py`` for every proto into ``out_dir``."""
+    """Write ``*_pb2.py`` and ``*_pb2_grpc.py`` for every proto into ``out_dir``."""
     try:
         from grpc_tools import protoc
     except ImportError as e:
@@ -51,12 +51,12 @@ def generate(out_dir: Path = STUB_DIR, proto_dir: Path = PROTO_DIR) -> list[Path
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in PROTOS:
-        args = ["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+        args = ["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out_dir}",
                 f"--grpc_python_out={out_dir}", str(Path(proto_dir) / name)]
         if protoc.main(args) != 0:
             raise ConfigError(f"protoc failed on {proto_dir / name}; see the message above")
         stem = name.removesuffix(".proto")
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        for suffix in ("_pb2.py", "_pb2_grpc.py"):
             path = out_dir / f"{stem}{suffix}"
             path.write_text(_post_process(path.read_text()))
             written.append(path)

@@ -1,0 +1,75 @@
+"""`edgeexit serve BUNDLE`: the cloud offload service (whole model and every tail) over OIP v2 gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a bundle's whole model and every tail over OIP v2 gRPC (the cloud side)",
+        description="Serve <model> (whole model) and <model>@<split> (the tail after each split point) over the "
+                    "Open Inference Protocol v2 gRPC API, with dynamic batching. Prints 'ready on HOST:PORT' "
+                    "when serving; SIGTERM/SIGINT drain in-flight requests and exit 0.",
+    )
+    p.add_argument("bundle", help="bundle directory (<name>.edgeexit)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
+    p.add_argument("--tls-cert", help="PEM server certificate (enables TLS, needs --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA that must sign client certificates (mutual TLS)")
+    p.add_argument("--token-file", help="file holding a bearer token every inference call must present")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows per dynamic batch; 1 = off (16)")
+    p.add_argument("--max-batch-delay-ms", type=float, default=2.0,
+                   help="longest a request waits for others to batch with (2.0)")
+    p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (16)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
+    p.add_argument("--max-message-mb", type=float, default=64.0,
+                   help="largest request/response in MiB; larger ones get RESOURCE_EXHAUSTED (64)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"],
+                   help="inference backend (onnxruntime)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per segment session (1)")
+    p.add_argument("--drain-seconds", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish (10)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from edgeexit.errors import ConfigError
+    from edgeexit.runtime.batching import BatchOptions
+    from edgeexit.runtime.metrics import ServerMetrics
+    from edgeexit.runtime.oip_server import ServerOptions, build_server
+    from edgeexit.runtime.security import read_token_file
+    from edgeexit.runtime.service import ServiceOptions, build_handlers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_message_mb <= 0 or args.threads < 1 or args.workers < 1:
+        raise ConfigError("--max-message-mb, --threads and --workers must be positive")
+    batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms)
+    metrics = ServerMetrics()
+    handlers = build_handlers(args.bundle, ServiceOptions(args.backend, args.threads, batching), metrics)
+    options = ServerOptions(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, token=read_token_file(args.token_file) if args.token_file else None,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)), workers=args.workers,
+        metrics_port=args.metrics_port,
+    )
+    server = build_server(handlers, options, metrics).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    models = ", ".join(h.name for h in handlers)
+    extra = f"; metrics on {args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"serving {models}{extra}", flush=True)
+    print(f"ready on {args.host}:{server.port}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("draining in-flight requests", file=sys.stderr, flush=True)
+    server.stop(args.drain_seconds)
+    print("stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,132 @@
+"""Dynamic batching: concurrent requests for one model run together, and each caller gets its own rows.
+
+A single worker thread per model takes the first waiting request, then keeps collecting requests until the
+batch holds ``max_batch_size`` rows or ``max_delay_ms`` has passed since the first one arrived, runs the
+batch once and splits the outputs back by row offsets. While a batch computes, the next one queues up, so
+under load batches fill without waiting for the delay.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeexit.errors import ConfigError
+
+RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class BatchOptions:
+    max_batch_size: int = 16  # rows per batch; 1 turns batching off (every request runs on its own)
+    max_delay_ms: float = 2.0  # how long the first request of a batch may wait for company
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError("--max-batch-size must be at least 1 (1 turns batching off)")
+        if self.max_delay_ms < 0:
+            raise ConfigError("--max-batch-delay-ms must not be negative")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: Future
+
+
+class DynamicBatcher:
+    """Groups ``submit`` calls into batches for ``run`` (a function of a batch array to named outputs)."""
+
+    def __init__(self, run: RunFn, options: BatchOptions, on_batch: Callable[[int], None] | None = None,
+                 name: str = "model"):
+        self._run, self.options, self._on_batch = run, options, on_batch
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._carry: _Item | None = None  # a request that did not fit into the previous batch
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if options.enabled:
+            self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+            self._thread.start()
+
+    def submit(self, x: np.ndarray, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output."""
+        if not self.options.enabled:
+            if self._on_batch:
+                self._on_batch(1)
+            return self._run(x)
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        item = _Item(x, Future())
+        self._queue.put(item)
+        return item.future.result(timeout)
+
+    def close(self) -> None:
+        """Finish queued work, then stop the worker."""
+        if self._thread is not None and not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def _next(self, timeout: float | None) -> _Item | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
+    def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
+        """Gather a batch starting with ``first``; returns the batch and whether the stop marker was seen."""
+        batch, rows = [first], len(first.x)
+        deadline = time.monotonic() + self.options.max_delay_ms / 1000.0
+        while rows < self.options.max_batch_size:
+            try:
+                item = self._next(deadline - time.monotonic())
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            if rows + len(item.x) > self.options.max_batch_size or item.x.shape[1:] != first.x.shape[1:]:
+                self._carry = item  # starts the next batch
+                break
+            batch.append(item)
+            rows += len(item.x)
+        return batch, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping or self._carry is not None:
+            try:
+                first = self._next(None if not stopping else 0)
+            except queue.Empty:
+                break
+            if first is None:
+                stopping = True
+                continue
+            batch, saw_stop = self._collect(first)
+            stopping = stopping or saw_stop
+            self._execute(batch)
+
+    def _execute(self, batch: list[_Item]) -> None:
+        if self._on_batch:
+            self._on_batch(len(batch))
+        try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
+            outputs = self._run(x)
+        except Exception as e:  # noqa: BLE001 - the callers get the error; the worker keeps running
+            for it in batch:
+                it.future.set_exception(e)
+            return
+        start = 0
+        for it in batch:
+            stop = start + len(it.x)
+            it.future.set_result({k: v[start:stop] for k, v in outputs.items()})
+            start = stop

@@ -1,0 +1,93 @@
+"""The cloud offload service: a bundle's whole model and every tail, as OIP v2 handlers with dynamic batching.
+
+Model names: ``<model>`` takes the raw input (``input``, FP32, the runtime applies the bundle's normalisation
+like the device does) and returns every exit; ``<model>@<s>`` takes ``boundary{s}`` encoded per
+``runtime/codec.py`` (FP32, FP16 or INT8 with ``edgeexit.scale``/``edgeexit.zero_point``, optionally zstd;
+parameters in the request or on the tensor) and returns the exits of segments ``s+1..``, FP32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit.bundle import BATCH, Bundle, TensorSpec
+from edgeexit.errors import InvalidTensor
+from edgeexit.runtime import codec
+from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
+from edgeexit.runtime.metrics import ServerMetrics
+from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
+from edgeexit.runtime.runner import SegmentRunner, check_tensor
+
+
+@dataclass
+class ServiceOptions:
+    backend: str = "onnxruntime"  # onnxruntime | litert
+    threads: int = 1  # intra-op threads per segment session
+    batching: BatchOptions = field(default_factory=BatchOptions)
+
+
+def _meta_shape(shape: list[int | str]) -> list[int]:
+    return [-1 if d == BATCH else int(d) for d in shape]
+
+
+class TailHandler:
+    """Runs segments ``start..`` of a bundle for one model name (start 0 = the whole model)."""
+
+    def __init__(self, runner: SegmentRunner, start: int, options: ServiceOptions,
+                 metrics: ServerMetrics | None = None):
+        m = runner.manifest
+        self.runner, self.start = runner, start
+        self.name = m.name if start == 0 else f"{m.name}@{start - 1}"
+        self.input_spec: TensorSpec = m.input if start == 0 else m.split_points[start - 1].tensor
+        self.exits = [j for seg in m.segments[start:] for j in seg.exits]
+        on_batch = (lambda n: metrics.observe_batch(self.name, n)) if metrics else None
+        self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name)
+
+    def metadata(self) -> ModelMetadata:
+        datatype = "FP32"
+        inputs = [TensorMeta(self.input_spec.name, datatype, _meta_shape(self.input_spec.shape))]
+        specs = {t.name: t for seg in self.runner.manifest.segments for t in seg.outputs}
+        outputs = [TensorMeta(f"exit{j}", "FP32", _meta_shape(specs[f"exit{j}"].shape)) for j in self.exits]
+        return ModelMetadata(self.name, inputs, outputs, platform=f"edgeexit_{self.runner.backend}")
+
+    def ready(self) -> bool:
+        return True
+
+    def decode(self, request: InferRequest) -> np.ndarray:
+        """The request's one input as a validated float32 batch (raises InvalidTensor)."""
+        if len(request.inputs) != 1:
+            raise InvalidTensor(f"{self.name} takes exactly one input {self.input_spec.name!r}, "
+                                f"got {sorted(request.inputs) or 'none'}")
+        (name, t), = request.inputs.items()
+        if name != self.input_spec.name:
+            raise InvalidTensor(f"{self.name} takes input {self.input_spec.name!r}, not {name!r}")
+        x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
+        check_tensor(x, self.input_spec)
+        if x.shape[0] == 0:
+            raise InvalidTensor(f"{name}: the batch is empty; send at least one row")
+        return x
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        return InferResponse(self.batcher.submit(self.decode(request)))
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.start == 0:
+            x = self.runner.normalize(x)
+        out = self.runner.run(x, start=self.start)
+        return {f"exit{j}": out.exits[j] for j in self.exits}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def build_handlers(bundle: Bundle | str | Path, options: ServiceOptions | None = None,
+                   metrics: ServerMetrics | None = None) -> list[TailHandler]:
+    """One handler for the whole model and one per split point, sharing one runner (sessions open lazily)."""
+    options = options or ServiceOptions()
+    runner = SegmentRunner(bundle, backend=options.backend, threads=options.threads)
+    for k in range(runner.num_segments):
+        runner.session(k)  # open every session now: no first-request stall, no racing lazy opens
+    return [TailHandler(runner, start, options, metrics) for start in range(runner.num_segments)]

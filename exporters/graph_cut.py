@@ -1,0 +1,234 @@
+"""Cut one traced FX graph (from ``torch.export``) into per-segment GraphModules at valid split points.
+
+Vocabulary:
+- *backbone*: tensor nodes that feed the final exit; *head*: tensor nodes that only feed earlier exits.
+- *free* nodes are parameters/constants (``get_attr``) and symbolic sizes; they never count as tensors
+  crossing a cut: each segment re-reads its parameters and recomputes the batch size from its own input.
+- a cut after backbone node ``v`` is *valid* when every edge from the left side to the right side leaves
+  from ``v`` (no open skip connection crosses it). A head node sits on the side of its deepest input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from edgeexit.errors import ExportError
+
+GUARDS = "_guards_fn"  # call_module torch.export adds to check input shapes; segments don't need it
+
+
+@dataclass
+class CutPlan:
+    """Which backbone nodes end segments and which exits each segment owns."""
+
+    cuts: list[fx.Node]  # boundary node after segment k, for k < len(cuts)
+    exits_per_segment: list[list[int]]
+    mode: str
+
+
+@dataclass
+class GraphSegment:
+    index: int
+    module: fx.GraphModule
+    input_name: str
+    output_names: list[str]
+    exits: list[int]
+    nodes: list[fx.Node] = field(default_factory=list)  # original nodes computed here (for FLOPs/params)
+
+
+def _is_tensor_node(n: fx.Node) -> bool:
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _is_free(n: fx.Node) -> bool:
+    """Parameters, constants and non-tensor (symbolic size) nodes: cloned into each segment that needs them."""
+    if n.op == "get_attr":
+        return True
+    if n.op == "call_module" and n.target == GUARDS:
+        return True
+    return n.op == "call_function" and not _is_tensor_node(n)
+
+
+def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes if not _is_free(a)]
+
+
+class GraphAnalysis:
+    """Backbone/head classification, exit branch points and valid cut candidates of one graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        nodes = list(gm.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ExportError(f"the model must take exactly one input tensor, it takes {len(placeholders)}")
+        self.input = placeholders[0]
+        out = next(n for n in nodes if n.op == "output")
+        flat = out.args[0]
+        self.exit_nodes: list[fx.Node] = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+        self.compute = [n for n in nodes if n.op == "call_function" and not _is_free(n)]
+        self.order = {n: i for i, n in enumerate(nodes)}
+        final = self.exit_nodes[-1]
+        self.backbone = self._ancestors(final) | {final}
+        self.backbone.discard(self.input)
+        self.backbone_list = [n for n in self.compute if n in self.backbone]
+        self.position = {n: i for i, n in enumerate(self.backbone_list)}
+        self.position[self.input] = -1
+
+    def _ancestors(self, node: fx.Node) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            for a in _tensor_inputs(stack.pop()):
+                if a not in seen:
+                    seen.add(a)
+                    stack.append(a)
+        return seen
+
+    def depth(self, n: fx.Node, memo: dict[fx.Node, int]) -> int:
+        """Backbone position a node is computed at: its own, or its deepest input's for head nodes."""
+        if n in self.position:
+            return self.position[n]
+        if n not in memo:
+            memo[n] = max((self.depth(a, memo) for a in _tensor_inputs(n)), default=-1)
+        return memo[n]
+
+    def is_valid_cut(self, v: fx.Node) -> bool:
+        if v not in self.position or v is self.backbone_list[-1] or not _is_tensor_node(v):
+            return False
+        p = self.position[v]
+        memo: dict[fx.Node, int] = {}
+        for w in self.compute:
+            if self.depth(w, memo) <= p:
+                continue
+            for u in _tensor_inputs(w):
+                if self.depth(u, memo) <= p and u is not v:
+                    return False
+        return True
+
+    def branch_points(self) -> list[fx.Node]:
+        """For each early exit, the deepest backbone node its head reads (where the head branches off)."""
+        memo: dict[fx.Node, int] = {}
+        points = []
+        for j, e in enumerate(self.exit_nodes[:-1]):
+            p = self.depth(e, memo)
+            if p < 0:
+                raise ExportError(f"exit {j} does not depend on any computation of the model")
+            points.append(self.backbone_list[p])
+        return points
+
+    def stage_ends(self) -> list[fx.Node]:
+        """Last backbone node of each run of nodes from the same top-level child module."""
+        ends = []
+        names = [_top_module(n) for n in self.backbone_list]
+        for i, name in enumerate(names[:-1]):
+            if name and name != names[i + 1]:
+                ends.append(self.backbone_list[i])
+        return ends
+
+
+def _top_module(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    for path, _ in stack.values():
+        if path:
+            return path.split(".")[0]
+    return ""
+
+
+def plan_cuts(an: GraphAnalysis, mode: str) -> tuple[CutPlan, list[str]]:
+    """Choose cuts for ``mode`` ("exits" or "auto"); returns the plan and human-readable warnings."""
+    if mode not in ("exits", "auto"):
+        raise ExportError(f"unknown --split-points {mode!r}; use 'auto' or 'exits'")
+    warnings: list[str] = []
+    valid = [n for n in an.backbone_list if an.is_valid_cut(n)]
+    chosen: list[fx.Node] = []
+    for j, b in enumerate(an.branch_points()):
+        later = [n for n in valid if an.position[n] >= an.position[b]]
+        if not later:
+            warnings.append(f"exit {j} branches where no valid split point follows; it joins the last segment")
+            continue
+        if later[0] is not b:
+            warnings.append(f"exit {j} branches inside a skip connection at {b.name}; cutting at {later[0].name}")
+        chosen.append(later[0])
+    if mode == "auto":
+        chosen += [n for n in an.stage_ends() if n in valid]
+    cuts = sorted(set(chosen), key=lambda n: an.position[n])
+    exits_per_segment = _assign_exits(an, cuts)
+    return CutPlan(cuts, exits_per_segment, mode), warnings
+
+
+def _segment_of(an: GraphAnalysis, n: fx.Node, cuts: list[fx.Node], memo: dict[fx.Node, int]) -> int:
+    d = an.depth(n, memo)
+    return sum(1 for c in cuts if an.position[c] < d)
+
+
+def _assign_exits(an: GraphAnalysis, cuts: list[fx.Node]) -> list[list[int]]:
+    memo: dict[fx.Node, int] = {}
+    per: list[list[int]] = [[] for _ in range(len(cuts) + 1)]
+    for j, e in enumerate(an.exit_nodes):
+        per[_segment_of(an, e, cuts, memo)].append(j)
+    owned = [j for seg in per for j in seg]
+    if owned != list(range(len(an.exit_nodes))):
+        raise ExportError(
+            f"exit heads branch off in the order {owned}; return the exits from forward() shallowest first"
+        )
+    return per
+
+
+def build_segments(an: GraphAnalysis, plan: CutPlan) -> list[GraphSegment]:
+    """One GraphModule per segment: input -> (boundary, exits...) with parameters and sizes recomputed."""
+    memo: dict[fx.Node, int] = {}
+    seg_of = {n: _segment_of(an, n, plan.cuts, memo) for n in an.compute}
+    segments = []
+    for k in range(len(plan.cuts) + 1):
+        src = an.input if k == 0 else plan.cuts[k - 1]
+        in_name = "input" if k == 0 else f"boundary{k - 1}"
+        outs = ([plan.cuts[k]] if k < len(plan.cuts) else []) + [an.exit_nodes[j] for j in plan.exits_per_segment[k]]
+        out_names = ([f"boundary{k}"] if k < len(plan.cuts) else []) + [f"exit{j}" for j in plan.exits_per_segment[k]]
+        mine = [n for n in an.compute if seg_of[n] == k]
+        module = _segment_module(an, src, in_name, mine, outs)
+        segments.append(GraphSegment(k, module, in_name, out_names, plan.exits_per_segment[k], mine))
+    return segments
+
+
+def _segment_module(an: GraphAnalysis, src: fx.Node, in_name: str, mine: list[fx.Node],
+                    outs: list[fx.Node]) -> fx.GraphModule:
+    g = fx.Graph()
+    x = g.placeholder(in_name)
+    x.meta = dict(src.meta)
+    env: dict[fx.Node, fx.Node] = {src: x}
+    batch: list[fx.Node] = []
+
+    def batch_size() -> fx.Node:
+        if not batch:
+            batch.append(g.call_function(torch.ops.aten.sym_size.int, (x, 0)))
+        return batch[0]
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        if a.op == "get_attr":
+            env[a] = g.node_copy(a, lookup)
+        elif a.op == "call_function" and not _is_tensor_node(a):
+            env[a] = _copy_free(a, lookup, batch_size, g)
+        else:
+            raise ExportError(f"internal: tensor {a.name} crosses into segment {in_name} without being its input")
+        return env[a]
+
+    for n in mine:
+        env[n] = g.node_copy(n, lookup)
+    g.output(tuple(lookup(o) for o in outs))
+    g.lint()
+    gm = fx.GraphModule(an.gm, g)
+    gm.recompile()
+    return gm
+
+
+def _copy_free(a: fx.Node, lookup, batch_size, g: fx.Graph) -> fx.Node:
+    """Copy a symbolic-size node; the batch size is read from this segment's own input."""
+    if a.target == torch.ops.aten.sym_size.int and a.args[1] == 0:
+        return batch_size()
+    return g.node_copy(a, lookup)

@@ -99,10 +99,16 @@ def agent_bundle(request, tmp_path_factory) -> Path:
         return _build_bundle(tmp_path_factory.mktemp("agent") / "tiny.edgeexit")
 
 
+def input_shape(bundle: Path) -> tuple[int, ...]:
+    from edgeexit.bundle import Bundle
+
+    return tuple(int(d) for d in Bundle.load(bundle, verify=False).manifest.input.shape[1:])
+
+
 @pytest.fixture
-def raw_batch() -> np.ndarray:
+def raw_batch(agent_bundle) -> np.ndarray:
     """Raw [0, 1] pixels shaped for the bundle input (8 rows)."""
-    return np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
+    return np.random.default_rng(1).random((8, *input_shape(agent_bundle)), dtype=np.float32)
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from edgeexit.policies import make_policy
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
 from edgeexit.runtime.device import CLOUD, DEVICE, FALLBACK, DeviceOptions, DeviceRuntime, auto_split, softmax
 from edgeexit.runtime.runner import SegmentRunner
+from tests.fixtures_agent import input_shape
 
 
 def reference(bundle, x):
@@ -103,9 +104,9 @@ def test_split_cloud_without_a_cloud_is_refused(agent_bundle):
 def test_bad_input_is_invalid_tensor(agent_bundle):
     rt = DeviceRuntime(agent_bundle, DeviceOptions(policy="never"))
     with pytest.raises(InvalidTensor):
-        rt.infer(np.zeros((2, 8, 8), np.float32))
+        rt.infer(np.zeros((2, 3), np.float32))
     with pytest.raises(InvalidTensor):
-        rt.infer(np.full((2, 1, 8, 8), np.nan, np.float32))
+        rt.infer(np.full((2, *input_shape(agent_bundle)), np.nan, np.float32))
 
 
 def test_offloaded_rows_are_answered_by_the_cloud(agent_bundle, raw_batch):

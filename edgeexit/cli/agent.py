@@ -1,0 +1,69 @@
+"""`edgeexit agent BUNDLE --cloud HOST:PORT`: the device-side process (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+
+SPLIT_HELP = (
+    "where to cut: a split point N (the device runs segments 0..N), 'device' (never offload), 'cloud' (send "
+    "the input), or 'auto' (default). For now 'auto' picks the split with the fewest fp32 boundary bytes among "
+    "the first half of the network; the planner will replace this choice."
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "agent", help="serve a bundle on the device, offloading hard inputs to `edgeexit serve`",
+        description="Serve the Open Inference Protocol v2 locally (model <name>, input 'input' FP32 [-1,C,H,W]; "
+                    "outputs label INT64, probabilities FP32, exit INT32, decided INT32 with 0=device, 1=cloud, "
+                    "2=device-fallback). Runs the bundle's head, answers confident rows on the device and "
+                    "offloads the rest; on timeout or outage it answers locally. Never imports torch.")
+    p.add_argument("bundle", help="path to a <name>.edgeexit bundle")
+    p.add_argument("--cloud", metavar="HOST:PORT", help="address of `edgeexit serve`; omit to run device-only")
+    p.add_argument("--split", default="auto", help=SPLIT_HELP)
+    p.add_argument("--policy", default=None,
+                   help="exit policy kind (confidence, entropy, margin, patience, ensemble, never); "
+                        "default: the bundle's calibrated policy (never exit early if uncalibrated)")
+    p.add_argument("--listen", default="127.0.0.1:8001", metavar="HOST:PORT|unix:PATH",
+                   help="where apps reach the agent (default 127.0.0.1:8001; port 0 picks one)")
+    p.add_argument("--deadline-ms", type=float, default=1000.0, help="per-request budget (default 1000)")
+    p.add_argument("--encoding", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="boundary tensor wire encoding (int8 uses the bundle's calibrated scale)")
+    p.add_argument("--compress", action="store_true", help="zstd-compress boundary tensors")
+    p.add_argument("--backend", choices=["onnxruntime", "litert"], default="onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="backend threads (default 1)")
+    p.add_argument("--on-failure", choices=["best-exit", "finish-local"], default="best-exit",
+                   help="when the cloud fails: the most confident exit so far, or run the rest locally")
+    p.add_argument("--retries", type=int, default=1, help="offload retries within the deadline (default 1)")
+    p.add_argument("--breaker-failures", type=int, default=3,
+                   help="consecutive offload failures that open the circuit (default 3)")
+    p.add_argument("--breaker-cooldown-s", type=float, default=5.0,
+                   help="seconds the circuit stays open before one probe (default 5)")
+    p.add_argument("--token-file", help="file holding the bearer token the cloud service requires")
+    p.add_argument("--tls-ca", help="PEM CA of the cloud service's certificate (enables TLS to the cloud)")
+    p.add_argument("--tls-cert", help="client certificate for mTLS to the cloud")
+    p.add_argument("--tls-key", help="client key for mTLS to the cloud")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeexit.errors import ConfigError
+    from edgeexit.runtime.agent import Agent, AgentOptions
+    from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
+    from edgeexit.runtime.client import ClientOptions
+    from edgeexit.runtime.device import DeviceOptions
+    from edgeexit.runtime.security import read_token_file
+
+    if args.retries < 0 or args.breaker_failures < 1 or args.breaker_cooldown_s < 0 or args.threads < 1:
+        raise ConfigError("--retries must be >= 0, --breaker-failures and --threads >= 1, --breaker-cooldown-s >= 0")
+    client = ClientOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           token=read_token_file(args.token_file) if args.token_file else None)
+    device = DeviceOptions(
+        backend=args.backend, threads=args.threads, policy=args.policy, split=args.split, cloud=args.cloud,
+        client=client, encoding=args.encoding, compress=args.compress, deadline_ms=args.deadline_ms,
+        on_failure=args.on_failure, retry=RetryOptions(retries=args.retries),
+        breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
+    )
+    Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port)).serve_forever()
+    return 0

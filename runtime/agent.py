@@ -1,0 +1,205 @@
+"""The agent process: a local Open Inference Protocol v2 server around a DeviceRuntime.
+
+An app on the device calls it with an unmodified tritonclient (model ``<model>``, input ``input`` FP32
+[-1, C, H, W], raw [0, 1] pixels). Outputs, one row per input row:
+
+    label          INT64 [B]      predicted class
+    probabilities  FP32  [B, C]   the answering exit's softmax
+    exit           INT32 [B]      index of the exit head that answered
+    decided        INT32 [B]      where: 0 = device (early exit), 1 = cloud, 2 = device-fallback
+
+Response parameters add the batch's latency breakdown (``edgeexit.device_ms`` ...), ``edgeexit.bytes_sent``,
+``edgeexit.split`` and, after a fallback, ``edgeexit.fallback``. Logs are one JSON object per line on stderr
+(events: start, ready, fallback, circuit, stop); Prometheus metrics share the server's registry.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from edgeexit.errors import ConfigError, InvalidTensor
+from edgeexit.runtime import codec
+from edgeexit.runtime.device import DECIDED_CODES, DeviceOptions, DeviceRuntime
+from edgeexit.runtime.metrics import LATENCY_BUCKETS
+from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
+from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_server
+
+CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class EventLog:
+    """One JSON object per line: machine-readable logs that journald and log shippers keep intact."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self._stream = stream or sys.stderr
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), "event": event, **fields}, default=str)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class AgentMetrics:
+    """Agent counters, registered in the server's registry so one /metrics shows both."""
+
+    def __init__(self, registry: Any):
+        self.rows = Counter("edgeexit_agent_rows", "Answered rows by where they were decided", ["decided"],
+                            registry=registry)
+        self.fallbacks = Counter("edgeexit_agent_fallbacks", "Offloads that fell back, by error", ["error"],
+                                 registry=registry)
+        self.offload = Histogram("edgeexit_agent_offload_seconds", "Offload round trips that succeeded",
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.circuit = Gauge("edgeexit_agent_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                             registry=registry)
+
+
+class AgentHandler:
+    """ModelHandler for the generic OIP server: decodes the app's tensor, runs the DeviceRuntime."""
+
+    def __init__(self, runtime: DeviceRuntime):
+        self.runtime = runtime
+        self.name = runtime.model_name
+        self.metrics: AgentMetrics | None = None
+
+    def metadata(self) -> ModelMetadata:
+        shape = [-1 if d == "batch" else int(d) for d in self.runtime.manifest.input.shape]
+        c = self.runtime.num_classes
+        return ModelMetadata(
+            name=self.name,
+            inputs=[TensorMeta("input", "FP32", shape)],
+            outputs=[TensorMeta("label", "INT64", [-1]), TensorMeta("probabilities", "FP32", [-1, c]),
+                     TensorMeta("exit", "INT32", [-1]), TensorMeta("decided", "INT32", [-1])],
+        )
+
+    def ready(self) -> bool:
+        return True
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        want = self.runtime.manifest.input.name
+        if list(request.inputs) != [want]:
+            raise InvalidTensor(f"send exactly one input named {want!r}, got {sorted(request.inputs)}")
+        t = request.inputs[want]
+        if t.datatype not in ("FP32", "FP16"):
+            raise InvalidTensor(f"input {want!r} must be FP32 (or FP16) pixels in [0, 1], got {t.datatype}")
+        x = codec.decode(t.data, t.datatype, t.shape, request.params)
+        res = self.runtime.infer(x)
+        lat = res.latency
+        params: dict[str, Any] = {
+            "edgeexit.split": str(self.runtime.split), "edgeexit.bytes_sent": int(res.bytes_sent),
+            "edgeexit.device_ms": lat.device_ms, "edgeexit.encode_ms": lat.encode_ms,
+            "edgeexit.network_ms": lat.network_ms, "edgeexit.total_ms": lat.total_ms,
+        }
+        if res.fallback_reason:
+            params["edgeexit.fallback"] = res.fallback_reason
+        self._observe(res)
+        return InferResponse(
+            outputs={"label": res.labels.astype(np.int64), "probabilities": res.probabilities.astype(np.float32),
+                     "exit": res.exits.astype(np.int32), "decided": res.decided_codes},
+            params=params,
+        )
+
+    def _observe(self, res: Any) -> None:
+        if self.metrics is None:
+            return
+        for where in DECIDED_CODES:
+            n = res.decided.count(where)
+            if n:
+                self.metrics.rows.labels(decided=where).inc(n)
+        if res.bytes_sent:
+            self.metrics.offload.observe(res.latency.network_ms / 1000.0)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+@dataclass
+class AgentOptions:
+    device: DeviceOptions = field(default_factory=DeviceOptions)
+    listen: str = "127.0.0.1:8001"  # HOST:PORT (port 0 picks one) or unix:PATH
+    metrics_port: int | None = None
+    workers: int = 4
+    grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
+
+
+def parse_listen(listen: str) -> tuple[str, int, str | None]:
+    """(host, port, unix path or None)."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:"):]
+        if not path:
+            raise ConfigError("--listen unix:PATH needs a socket path")
+        return "127.0.0.1", 0, path
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--listen {listen!r}: use HOST:PORT (e.g. 127.0.0.1:8001) or unix:PATH")
+    return host.strip("[]"), int(port), None
+
+
+class Agent:
+    """Build, start and stop the agent; ``serve_forever`` blocks until SIGTERM/SIGINT."""
+
+    def __init__(self, bundle: str | Path, options: AgentOptions, log: EventLog | None = None):
+        self.options = options
+        self.log = log or EventLog()
+        self.log("start", bundle=str(bundle), split=str(options.device.split), cloud=options.device.cloud,
+                 encoding=options.device.encoding, on_failure=options.device.on_failure)
+        self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
+        self.handler = AgentHandler(self.runtime)
+        host, port, self.unix_path = parse_listen(options.listen)
+        self.handle: ServerHandle = build_server(
+            [self.handler], ServerOptions(host=host, port=port, metrics_port=options.metrics_port,
+                                          workers=options.workers, server_name="edgeexit-agent"))
+        if self.unix_path:
+            # build_server binds TCP only; the loopback port it picked stays private to this host.
+            Path(self.unix_path).unlink(missing_ok=True)
+            if not self.handle.server.add_insecure_port(f"unix:{self.unix_path}"):
+                raise ConfigError(f"cannot listen on unix:{self.unix_path}; check the directory exists")
+        self.metrics = AgentMetrics(self.handle.metrics.registry)
+        self.handler.metrics = self.metrics
+        self._stop = threading.Event()
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else self.handle.target
+
+    def start(self) -> Agent:
+        self.handle.start()
+        self.log("ready", target=self.target, model=self.runtime.model_name, split=str(self.runtime.split),
+                 cloud_model=self.runtime.cloud_model, metrics_port=self.handle.metrics_port)
+        return self
+
+    def stop(self) -> None:
+        self.handle.stop(self.options.grace_s)  # drains in-flight requests, then closes the runtime
+        if self.unix_path:
+            Path(self.unix_path).unlink(missing_ok=True)
+        self.log("stop")
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        print(f"ready on {self.target}", flush=True)
+        self._stop.wait()
+        self.stop()
+
+    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+        self.log(event, **fields)
+        metrics = getattr(self, "metrics", None)
+        if metrics is None:
+            return
+        if event == "fallback":
+            metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
+        elif event == "circuit":
+            metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))

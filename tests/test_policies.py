@@ -135,3 +135,92 @@ def test_offline_trace_equals_online_decisions(kind, params):
                 assert (exit_index[i], labels[i]) == (j, d.labels[0])
                 break
     assert len(np.unique(exit_index)) >= 2  # rows leave at different exits, so the comparison has teeth
+
+
+# ---------------------------------------------------------------- batched regrouping == per-sample
+
+
+class RowwiseRunner:
+    """A stand-in runner (isolates the regrouping logic): 2 segments, segment 0 owns exits 0 AND 1.
+
+    Every output row depends only on its input row, like a real network in eval mode; the same property is
+    then checked for real on the exported tiny bundle below."""
+
+    def __init__(self):
+        from edgeexit.bundle import ExitInfo, InputSpec, Manifest, Segment, SplitPoint, TensorSpec
+
+        b0 = TensorSpec("boundary0", ["batch", 4])
+        self.manifest = Manifest(
+            "rowwise", InputSpec("input", ["batch", 4]),
+            [Segment(0, {}, [TensorSpec("input", ["batch", 4])],
+                     [b0, TensorSpec("exit0", ["batch", 3]), TensorSpec("exit1", ["batch", 3])], [0, 1], flops=10),
+             Segment(1, {}, [b0], [TensorSpec("exit2", ["batch", 3])], [2], flops=30)],
+            [SplitPoint(0, b0, {"fp32": 16})],
+            [ExitInfo(0, 0, "exit0", 3, 5), ExitInfo(1, 0, "exit1", 3, 10), ExitInfo(2, 1, "exit2", 3, 40)],
+        )
+        self.num_segments = 2
+        self.w = np.random.default_rng(7).normal(size=(3, 4, 3)).astype(np.float32) * 3
+        self.rows_seen = [0, 0]
+
+    def normalize(self, x):
+        return x
+
+    def _head(self, x, j):  # x @ w[j] written out elementwise: BLAS would round differently per batch size
+        return sum(x[:, i:i + 1] * self.w[j][i] for i in range(4))
+
+    def run_segment(self, k, x):
+        from edgeexit.runtime.runner import SegmentOutput
+
+        self.rows_seen[k] += len(x)
+        if k == 0:
+            return SegmentOutput(np.tanh(x) * 2, {0: self._head(x, 0), 1: self._head(x, 1)})
+        return SegmentOutput(None, {2: self._head(x, 2)})
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a.exit_index, b.exit_index)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    np.testing.assert_array_equal(a.segment_flops, b.segment_flops)
+
+
+@pytest.mark.parametrize("kind", ["confidence", "patience", "ensemble"])
+def test_regrouping_with_two_exits_in_one_segment(kind):
+    from edgeexit.early_exit import run_early_exit
+
+    runner = RowwiseRunner()
+    x = np.random.default_rng(1).normal(size=(200, 4)).astype(np.float32)
+    pol = make_policy(kind, [0.8, 0.6], k=2)
+    batched = run_early_exit(runner, pol, x, batch_size=64)
+    rows_seg1 = runner.rows_seen[1]
+    single = run_early_exit(RowwiseRunner(), pol, x, batch_size=1)
+    _assert_same(batched, single)
+    counts = np.bincount(batched.exit_index, minlength=3)
+    assert counts[2] > 0 and counts[:2].sum() > 0 and (counts[0] > 0 or kind == "patience")
+    assert counts[1] > 0 or kind == "confidence"
+    assert rows_seg1 == counts[2]  # only the continuing rows went through segment 1
+    assert set(batched.segment_flops.tolist()) <= {10, 40}
+
+
+def test_regrouping_on_the_exported_bundle(tiny_bundle):
+    from edgeexit.early_exit import collect_logits, run_early_exit
+    from edgeexit.runtime.runner import SegmentRunner
+    from tests.fixtures_bundles import digits_28
+
+    runner = SegmentRunner(tiny_bundle)
+    x = digits_28(96, seed=5)
+    logits = collect_logits(runner, x, batch_size=32)
+    for kind in ("confidence", "entropy", "margin", "patience", "ensemble"):
+        probe = make_policy(kind, [0.0, 0.0], k=2)
+        trace = ExitTrace.build(probe, logits)
+        # thresholds at the scores' medians, so roughly half leave at each early exit: a real mix
+        finite = [trace.scores[j][np.isfinite(trace.scores[j])] for j in range(2)]
+        taus = [float(np.median(f)) if len(f) else 0.0 for f in finite]
+        pol = make_policy(kind, taus, k=2)
+        batched = run_early_exit(runner, pol, x, batch_size=40)
+        single = run_early_exit(runner, pol, x, batch_size=1)
+        _assert_same(batched, single)
+        labels, exit_index = trace.apply(taus)  # the offline simulation is the same decision
+        np.testing.assert_array_equal(batched.exit_index, exit_index)
+        np.testing.assert_array_equal(batched.labels, labels)
+        assert len(np.unique(batched.exit_index)) >= 2 or kind == "patience", kind  # random exits rarely agree

@@ -1,0 +1,136 @@
+"""The agent: served over OIP v2 and called with an unmodified tritonclient, in-process and as real processes
+(`edgeexit serve` + `edgeexit agent`), logs, metrics, unix socket, SIGTERM clean stop."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.agent import Agent, AgentOptions, EventLog, parse_listen
+from edgeexit.runtime.client import InferenceClient
+from edgeexit.runtime.device import CLOUD, DECIDED_CODES, DeviceOptions, softmax
+from edgeexit.runtime.oip_server import ServerOptions, build_server
+from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.runtime.service import build_handlers
+from tests.fixtures_agent import free_port, spawn_edgeexit, stop, wait_for_line
+
+
+def triton_infer(target: str, model: str, x: np.ndarray):
+    client = tc.InferenceServerClient(target)
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    res = client.infer(model, [inp])
+    return client, res
+
+
+def local_final(bundle, x):
+    r = SegmentRunner(bundle)
+    return r.run_all(r.normalize(x))[-1]
+
+
+@pytest.fixture
+def cloud(agent_bundle):
+    handle = build_server(build_handlers(agent_bundle), ServerOptions()).start()
+    yield handle
+    handle.stop(0.5)
+
+
+def test_agent_in_process_via_tritonclient(agent_bundle, cloud, raw_batch):
+    log = io.StringIO()
+    opts = AgentOptions(DeviceOptions(policy="never", split=0, cloud=cloud.target), listen="127.0.0.1:0")
+    agent = Agent(agent_bundle, opts, EventLog(log)).start()
+    try:
+        client, res = triton_infer(agent.target, agent.runtime.model_name, raw_batch)
+        meta = client.get_model_metadata(agent.runtime.model_name)
+        assert [o.name for o in meta.outputs] == ["label", "probabilities", "exit", "decided"]
+        assert client.is_server_ready() and client.is_model_ready(agent.runtime.model_name)
+        final = local_final(agent_bundle, raw_batch)
+        np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(final), atol=1e-5)
+        assert (res.as_numpy("label") == final.argmax(1)).all()
+        assert res.as_numpy("label").dtype == np.int64 and res.as_numpy("exit").dtype == np.int32
+        assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
+        params = res.get_response().parameters
+        assert params["edgeexit.split"].string_param == "0" and params["edgeexit.bytes_sent"].int64_param > 0
+        m = agent.handle.metrics
+        assert m.value("edgeexit_agent_rows_total", {"decided": "cloud"}) == len(raw_batch)
+        assert m.value("edgeexit_agent_offload_seconds_count") == 1
+        with pytest.raises(tc.InferenceServerException, match="input"):
+            client.infer(agent.runtime.model_name, [tc.InferInput("x", [1], "FP32")])
+        client.close()
+    finally:
+        agent.stop()
+    events = [json.loads(line)["event"] for line in log.getvalue().splitlines()]
+    assert events == ["start", "ready", "stop"]
+
+
+def test_agent_logs_and_counts_fallbacks_when_the_cloud_is_down(agent_bundle, raw_batch):
+    log = io.StringIO()
+    dev = DeviceOptions(policy="never", split=0, cloud=f"127.0.0.1:{free_port()}", deadline_ms=200)
+    dev.breaker.failure_threshold = 1
+    agent = Agent(agent_bundle, AgentOptions(dev, listen="127.0.0.1:0"), EventLog(log)).start()
+    try:
+        client, res = triton_infer(agent.target, agent.runtime.model_name, raw_batch)
+        assert (res.as_numpy("decided") == DECIDED_CODES["device-fallback"]).all()
+        assert "edgeexit.fallback" in res.get_response().parameters
+        assert agent.handle.metrics.value("edgeexit_agent_circuit_state") == 2
+        assert agent.handle.metrics.value("edgeexit_agent_rows_total", {"decided": "device-fallback"}) == 8
+        client.close()
+    finally:
+        agent.stop()
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert any(e["event"] == "fallback" for e in events)
+    assert any(e["event"] == "circuit" and e["new"] == "open" for e in events)
+
+
+def test_agent_listens_on_a_unix_socket(agent_bundle, tmp_path, raw_batch):
+    path = tmp_path / "agent.sock"
+    agent = Agent(agent_bundle, AgentOptions(DeviceOptions(policy="never"), listen=f"unix:{path}"),
+                  EventLog(io.StringIO())).start()
+    try:
+        assert agent.target == f"unix:{path}" and path.exists()
+        with InferenceClient(agent.target) as c:
+            assert c.ready()
+    finally:
+        agent.stop()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("bad", ["8001", "host:", "unix:", ":80x"])
+def test_bad_listen_addresses_say_what_to_use(bad):
+    with pytest.raises(ConfigError, match="HOST:PORT|unix:PATH"):
+        parse_listen(bad)
+
+
+@pytest.mark.slow
+def test_serve_and_agent_as_real_processes(agent_bundle, raw_batch):
+    serve = spawn_edgeexit("serve", str(agent_bundle), "--port", "0")
+    agent = None
+    try:
+        cloud_target = wait_for_line(serve, "ready on").split("ready on", 1)[1].strip()
+        metrics_port = free_port()
+        agent = spawn_edgeexit("agent", str(agent_bundle), "--cloud", cloud_target, "--split", "1",
+                               "--policy", "never", "--listen", "127.0.0.1:0", "--metrics-port", str(metrics_port))
+        target = wait_for_line(agent, "ready on").split("ready on", 1)[1].strip()
+        client, res = triton_infer(target, SegmentRunner(agent_bundle).manifest.name, raw_batch)
+        client.close()
+        final = local_final(agent_bundle, raw_batch)
+        np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(final), atol=1e-5)
+        assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'edgeexit_agent_rows_total{decided="cloud"} 8.0' in body
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        events = [json.loads(line)["event"] for line in agent.stderr.read().splitlines() if line.startswith("{")]
+        assert events[0] == "start" and events[-1] == "stop" and "ready" in events
+    finally:
+        if agent is not None:
+            stop(agent)
+        assert stop(serve) == 0

@@ -64,7 +64,11 @@ class TailHandler:
         (name, t), = request.inputs.items()
         if name != self.input_spec.name:
             raise InvalidTensor(f"{self.name} takes input {self.input_spec.name!r}, not {name!r}")
-        x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
+        try:
+            x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
+        except (ValueError, TypeError) as e:  # e.g. a scale or zero point that is not a number
+            raise InvalidTensor(f"{name}: cannot decode with the given parameters ({e}); check {codec.P_SCALE}, "
+                                f"{codec.P_ZERO} and {codec.P_COMPRESSION}") from e
         check_tensor(x, self.input_spec)
         if x.shape[0] == 0:
             raise InvalidTensor(f"{name}: the batch is empty; send at least one row")

@@ -84,7 +84,11 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
         import zstandard
 
         try:
-            # max_output_size bounds a decompression bomb to the size the shape promises.
+            # max_output_size bounds a decompression bomb to the size the shape promises, but only for frames
+            # without a declared content size: zstandard trusts (and allocates) a declared size, so check it.
+            declared = zstandard.frame_content_size(data)
+            if declared > expected:
+                raise InvalidTensor(f"zstd payload declares {declared} bytes but the shape allows {expected}")
             data = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
         except zstandard.ZstdError as e:
             raise InvalidTensor(f"zstd payload does not decompress to {expected} bytes: {e}") from e

@@ -1,0 +1,66 @@
+"""`edgeexit calibrate`: choose exit thresholds with a guarantee (Learn-then-Test, fixed-sequence testing).
+
+With probability >= 1 - delta over the calibration sample, the early-exit answer disagrees with the final
+exit on at most epsilon of inputs (--mode consistency), or loses at most epsilon accuracy against it
+(--mode accuracy). The result (policy, thresholds, per-exit statistics, every candidate setting) is written
+into the bundle's manifest. Calibrate on --split val only: never on train or test.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="calibrate exit thresholds with a risk guarantee", description=__doc__)
+    p.add_argument("bundle", help="path to NAME.edgeexit")
+    p.add_argument("--data", default="fashion-mnist", help="dataset name or .npz path (default fashion-mnist)")
+    p.add_argument("--split", default="val", help="calibration split: val (train and test are refused)")
+    p.add_argument("--policy", default="confidence",
+                   choices=["confidence", "entropy", "margin", "patience", "ensemble"])
+    p.add_argument("--epsilon", type=float, default=0.01, help="risk level (default 0.01)")
+    p.add_argument("--delta", type=float, default=0.05, help="allowed failure probability (default 0.05)")
+    p.add_argument("--mode", default="consistency", choices=["consistency", "accuracy"])
+    p.add_argument("--k", type=int, default=2, help="patience: how many consecutive exits must agree")
+    p.add_argument("--limit", type=int, help="use only the first N samples of the split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from edgeexit import datasets
+    from edgeexit.bundle import Bundle
+    from edgeexit.calibration import CalibrationOptions, calibrate, check_split
+    from edgeexit.early_exit import collect_logits
+    from edgeexit.evaluation import ProgressBar
+    from edgeexit.reports import markdown_table
+    from edgeexit.runtime.runner import SegmentRunner
+
+    check_split(args.split)  # before any work: a wrong split is a mistake, not a warning
+    params = {"k": args.k} if args.policy == "patience" else {}
+    options = CalibrationOptions(args.policy, args.epsilon, args.delta, args.mode, params)
+    options.check()
+    bundle = Bundle.load(args.bundle)
+    x, y = datasets.load(args.data, args.split, args.limit)
+    runner = SegmentRunner(bundle, args.backend)
+    with ProgressBar(len(x), not args.no_progress, "exit logits") as bar:
+        logits = collect_logits(runner, x, args.batch_size, progress=bar.update)
+    result = calibrate(logits, bundle.manifest, options, labels=y)
+    bundle.manifest.policy = result.to_manifest(args.split, args.data)
+    bundle.save()
+    if not result.calibrated:
+        print(f"edgeexit calibrate: warning: {result.message}", file=sys.stderr)
+    print(result.message)
+    print(markdown_table(
+        ["exit", "exit rate", "accuracy of exited", "disagreement", "cumulative MFLOPs"],
+        [[str(s["exit"]), f"{100 * s['exit_rate']:.1f}%",
+          "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%",
+          "-" if s["disagreement"] is None else f"{100 * s['disagreement']:.2f}%",
+          f"{s['cumulative_flops'] / 1e6:.3f}"] for s in result.exit_stats]))
+    print(f"wrote policy {bundle.manifest.policy['kind']!r} with thresholds "
+          f"{bundle.manifest.policy['thresholds']} into {bundle.root / 'manifest.json'}")
+    return 0

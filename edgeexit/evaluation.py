@@ -1,0 +1,192 @@
+"""Evaluate a bundle: per-exit accuracy and compute, a policy's accuracy vs the final exit, measured wall time
+relative to the full model (both measured in the same run), and sweeps of every policy's thresholds.
+
+Relative compute counts the FLOPs of the segments actually executed (a row that exits at exit j has run every
+segment up to the one owning j), divided by the FLOPs of the whole model. Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeexit.calibration import lambda_grid, thresholds_for
+from edgeexit.early_exit import ExitTrace, collect_logits, executed_flops, run_early_exit
+from edgeexit.policies import KINDS, ExitPolicy, make_policy
+from edgeexit.reports import Curve, markdown_table, plot_curves, write_json
+
+SWEEP_KINDS = tuple(k for k in KINDS if k != "never")
+
+
+@dataclass
+class EvalOptions:
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    limit: int | None = None
+    batch_size: int = 256
+    backend: str = "onnxruntime"
+    threads: int = 1
+    progress: bool = True
+    params: dict[str, Any] = field(default_factory=dict)  # policy parameters for sweeps (patience k)
+
+
+@dataclass
+class ExitRow:
+    exit: int
+    exit_rate: float | None  # None without a policy
+    accuracy: float | None  # of the rows answered here (without a policy: of this exit on every row)
+    cumulative_flops: int
+    relative_flops: float
+
+
+@dataclass
+class PolicyEval:
+    policy: dict[str, Any]
+    rows: list[ExitRow]
+    accuracy: float
+    final_accuracy: float
+    relative_flops: float
+    relative_time: float  # measured: early-exit run / full-model run, same data, same batch size
+    seconds: float
+    full_seconds: float
+
+    @property
+    def accuracy_drop_pp(self) -> float:
+        return 100.0 * (self.final_accuracy - self.accuracy)
+
+
+class ProgressBar:
+    """A tqdm bar over images (or nothing when disabled); ``update`` is the progress callback."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+
+    @property
+    def update(self) -> Callable[[int], Any] | None:
+        return self._bar.update if self._bar is not None else None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def per_exit_rows(manifest: Any, logits: list[np.ndarray], y: np.ndarray) -> list[ExitRow]:
+    """Every exit alone on every row (the `--no-policy` table)."""
+    exe = executed_flops(manifest)
+    return [ExitRow(j, None, float((lg.argmax(1) == y).mean()), exe[j], exe[j] / exe[-1] if exe[-1] else float("nan"))
+            for j, lg in enumerate(logits)]
+
+
+def time_full_model(runner: Any, x: np.ndarray, batch_size: int, progress: bool = False
+                    ) -> tuple[list[np.ndarray], float]:
+    """Every exit's logits and the wall time of the full-model pass (the reference for relative time)."""
+    with ProgressBar(len(x), progress, "full model") as bar:
+        t0 = time.perf_counter()
+        logits = collect_logits(runner, x, batch_size, progress=bar.update)
+        return logits, time.perf_counter() - t0
+
+
+def warm_up(runner: Any, x: np.ndarray) -> None:
+    """Open every session and run once, so neither timed run pays for session creation."""
+    collect_logits(runner, x[: min(len(x), 8)])
+
+
+def evaluate_policy(runner: Any, policy: ExitPolicy, x: np.ndarray, y: np.ndarray, options: EvalOptions,
+                    full: tuple[list[np.ndarray], float] | None = None) -> PolicyEval:
+    """Run the policy for real (regrouping runner) and the full model on the same data; compare."""
+    manifest = runner.manifest
+    logits, full_s = full or time_full_model(runner, x, options.batch_size)
+    with ProgressBar(len(x), options.progress, f"early exit ({policy.kind})") as bar:
+        res = run_early_exit(runner, policy, x, options.batch_size, progress=bar.update)
+    exe = executed_flops(manifest)
+    rows = []
+    for j in range(len(manifest.exits)):
+        m = res.exit_index == j
+        rows.append(ExitRow(j, float(m.mean()), float((res.labels[m] == y[m]).mean()) if m.any() else None,
+                            exe[j], exe[j] / exe[-1] if exe[-1] else float("nan")))
+    final_acc = float((logits[-1].argmax(1) == y).mean())
+    return PolicyEval(
+        policy=policy.to_dict(), rows=rows, accuracy=float((res.labels == y).mean()), final_accuracy=final_acc,
+        relative_flops=float(res.segment_flops.mean() / exe[-1]) if exe[-1] else float("nan"),
+        relative_time=res.seconds / full_s if full_s > 0 else float("nan"), seconds=res.seconds, full_seconds=full_s,
+    )
+
+
+# ---------------------------------------------------------------- sweeps (offline, from logits computed once)
+
+
+def sweep_policy(kind: str, manifest: Any, logits: list[np.ndarray], y: np.ndarray,
+                 params: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Accuracy and relative FLOPs of ``kind`` over its whole threshold grid (shared threshold)."""
+    probe = make_policy(kind, [0.0] * (len(logits) - 1), **(params or {}))
+    trace = ExitTrace.build(probe, logits)
+    exe = np.asarray(executed_flops(manifest), np.float64)
+    out = []
+    for lam in lambda_grid(kind):
+        labels, ex = trace.apply(thresholds_for(lam, len(logits) - 1))
+        out.append({"lambda": float(lam), "accuracy": float((labels == y).mean()),
+                    "relative_flops": float(exe[ex].mean() / exe[-1]) if exe[-1] else float("nan"),
+                    "disagreement": float((labels != trace.labels[-1]).mean())})
+    return out
+
+
+def write_sweep(out_dir: Path, name: str, sweeps: dict[str, list[dict[str, float]]], final_accuracy: float,
+                points: list[tuple[str, float, float]] = ()) -> dict[str, Path]:
+    """JSON + Markdown + PNG (accuracy vs relative compute, one curve per policy)."""
+    out_dir = Path(out_dir)
+    js = write_json(out_dir / "sweep.json", {"final_accuracy": final_accuracy, "sweeps": sweeps})
+    lines = [f"# {name}: accuracy vs relative compute", "", f"Final exit alone: {100 * final_accuracy:.2f}%", ""]
+    for kind, rows in sweeps.items():
+        lines += [f"## {kind}", "", best_under_drops_table(rows, final_accuracy), ""]
+    md = out_dir / "sweep.md"
+    md.write_text("\n".join(lines))
+    curves = [Curve(k, [r["relative_flops"] for r in rows], [100 * r["accuracy"] for r in rows])
+              for k, rows in sweeps.items()]
+    png = plot_curves(out_dir / "sweep.png", curves, "relative compute (FLOPs / full model)", "accuracy (%)",
+                      f"{name}: accuracy vs compute (final exit {100 * final_accuracy:.2f}%)",
+                      points=[*points, ("final exit", 1.0, 100 * final_accuracy)])
+    return {"json": js, "markdown": md, "png": png}
+
+
+def best_under_drops_table(rows: list[dict[str, float]], final_accuracy: float,
+                           drops_pp: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)) -> str:
+    """For a few allowed accuracy drops: the cheapest grid point within it (on this data; not calibrated)."""
+    table = []
+    for d in drops_pp:
+        ok = [r for r in rows if 100 * (final_accuracy - r["accuracy"]) <= d + 1e-9]
+        best = min(ok, key=lambda r: r["relative_flops"]) if ok else None
+        table.append([f"{d:g}", best and f"{best['lambda']:.6g}", best and f"{best['relative_flops']:.3f}",
+                      best and f"{100 * best['accuracy']:.2f}"])
+    return markdown_table(["max drop (pp)", "threshold", "relative FLOPs", "accuracy %"], table)
+
+
+# ---------------------------------------------------------------- text
+
+
+def exits_table(rows: list[ExitRow]) -> str:
+    return markdown_table(
+        ["exit", "exit rate", "accuracy", "cumulative MFLOPs", "relative compute"],
+        [[str(r.exit), "-" if r.exit_rate is None else f"{100 * r.exit_rate:.1f}%",
+          "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%", f"{r.cumulative_flops / 1e6:.3f}",
+          f"{r.relative_flops:.3f}"] for r in rows])
+
+
+def summary(ev: PolicyEval) -> str:
+    return "\n".join([
+        f"accuracy {100 * ev.accuracy:.2f}% vs final exit alone {100 * ev.final_accuracy:.2f}% "
+        f"(drop {ev.accuracy_drop_pp:+.2f} pp)",
+        f"relative compute (FLOPs) {ev.relative_flops:.3f}; measured time relative to the full model "
+        f"{ev.relative_time:.3f} ({ev.seconds:.2f} s vs {ev.full_seconds:.2f} s, same run)",
+    ])

@@ -25,6 +25,8 @@ $(MODEL): | $(SETUP)
 demo: $(SETUP) $(MODEL)
 	$(PY) -m edgeexit export $(MODEL) --out $(BUNDLE) --calibration-data fashion-mnist
 	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test --no-policy
+	$(PY) -m edgeexit calibrate $(BUNDLE) --data fashion-mnist --split val --policy confidence --epsilon 0.01 --delta 0.05
+	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test
 
 test: $(SETUP)
 	$(PY) -m pytest -q -ra
@@ -34,6 +36,7 @@ test-fast: $(SETUP)
 
 bench: $(SETUP) $(MODEL)
 	$(PY) benchmarks/split_overhead.py --model $(MODEL)
+	$(PY) benchmarks/early_exit.py --model $(MODEL)
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions
 from edgeexit.runtime.metrics import ServerMetrics
+from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
 from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_server
 from edgeexit.runtime.service import ServiceOptions, build_handlers
 
@@ -102,3 +106,24 @@ def boundary_batch(service_bundle) -> Callable[[int, int], np.ndarray]:
         return runner.run(runner.normalize(x), 0, split + 1).boundary
 
     return make
+
+
+class SlowHandler:
+    """A real handler that takes ``delay`` seconds: makes in-flight requests observable during shutdown."""
+
+    name = "slow"
+
+    def __init__(self, delay: float):
+        self.delay, self.started = delay, threading.Event()
+
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata("slow", [TensorMeta("x", "FP32", [-1])], [TensorMeta("y", "FP32", [-1])])
+
+    def ready(self) -> bool:
+        return True
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        self.started.set()
+        time.sleep(self.delay)
+        t = request.inputs["x"]
+        return InferResponse({"y": codec.decode(t.data, t.datatype, t.shape) + 1})

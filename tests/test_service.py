@@ -16,6 +16,7 @@ from edgeexit.runtime.batching import BatchOptions
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.oip_server import ServerOptions
 from edgeexit.runtime.runner import SegmentRunner
+from tests.fixtures_service import SlowHandler
 
 # int8 per-tensor affine error is at most scale/2 per element; logits move by a measured small amount.
 TOL = {"fp32": 1e-5, "fp16": 2e-2, "int8": 0.25}
@@ -147,36 +148,11 @@ def test_metrics_over_http(serve, local, boundary_batch):
     assert "edgeexit_request_seconds_bucket" in body and "edgeexit_batch_size_bucket" in body
 
 
-class _SlowHandler:
-    """A real handler that takes ``delay`` seconds: makes in-flight requests observable during shutdown."""
-
-    name = "slow"
-
-    def __init__(self, delay: float):
-        self.delay, self.started = delay, threading.Event()
-
-    def metadata(self):
-        from edgeexit.runtime.oip_messages import ModelMetadata, TensorMeta
-
-        return ModelMetadata("slow", [TensorMeta("x", "FP32", [-1])], [TensorMeta("y", "FP32", [-1])])
-
-    def ready(self) -> bool:
-        return True
-
-    def infer(self, request):
-        from edgeexit.runtime.oip_messages import InferResponse
-
-        self.started.set()
-        time.sleep(self.delay)
-        t = request.inputs["x"]
-        return InferResponse({"y": codec.decode(t.data, t.datatype, t.shape) + 1})
-
-
 def test_graceful_shutdown_drains_in_flight_requests():
     from edgeexit.errors import PeerUnavailable
     from edgeexit.runtime.oip_server import build_server
 
-    handler = _SlowHandler(0.8)
+    handler = SlowHandler(0.8)
     server = build_server([handler]).start()
     client = InferenceClient(server.target)
     result: dict = {}

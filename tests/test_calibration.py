@@ -159,3 +159,21 @@ def test_guarantee_holds_on_real_data(real_exit_logits):
         v, r, rate = _violation_rate(logits, y, kind, eps, delta, n_cal=len(y) // 3, repeats=repeats, seed=1)
         assert v <= _allowed_violations(r, delta), (kind, v, r)
         assert rate > 0.05, f"{kind}: calibration never lets rows exit, so the guarantee is vacuous here"
+
+
+def test_planner_reads_the_calibrated_candidates(synthetic_exit_logits):
+    """The planner (edgeexit.planner.exit_settings) chooses among the settings calibration validated."""
+    from edgeexit.planner import exit_settings
+
+    logits, y = synthetic_exit_logits
+    m = exit_manifest(3)
+    res = calibrate(logits, m, CalibrationOptions(epsilon=0.02), labels=y)
+    m.policy = res.to_manifest("val", "synthetic")
+    settings = exit_settings(m)
+    assert len(settings) == 1 + res.chosen + 1  # "no exit" plus every valid candidate
+    chosen = settings[-1]
+    c = res.candidates[res.chosen]
+    assert chosen.exit_rates == tuple(c["exit_rates"][:2]) and chosen.thresholds == tuple(c["thresholds"])
+    # rates x accuracy deltas reproduce the candidate's overall accuracy
+    acc = chosen.final_accuracy + sum(r * d for r, d in zip(chosen.exit_rates, chosen.accuracy_delta, strict=True))
+    assert acc == pytest.approx(c["accuracy"])

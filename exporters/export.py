@@ -48,6 +48,10 @@ class Progress:
         if self.enabled:
             print(f"[export {time.perf_counter() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    def warn(self, msg: str) -> None:
+        """Warnings print even when progress is off: they change what the bundle can do."""
+        print(f"edgeexit export: WARNING: {msg}", file=sys.stderr, flush=True)
+
 
 @dataclass
 class _Cut:
@@ -68,7 +72,7 @@ def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions 
     log("tracing the model with torch.export")
     traced = load_traced(model_or_path, opts)
     for w in traced.warnings:
-        log(f"WARNING: {w}")
+        log.warn(w)
     cut = _cut(traced, opts.split_points, log)
     raw = calib.load_calibration(opts.calibration_data, traced.input_shape, opts.calibration_samples)
     real = calib.normalize(raw, opts.normalize) if raw is not None else None
@@ -80,8 +84,8 @@ def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions 
         manifest = _write_segments(cut, tmp, opts, real, log)
         manifest.name = opts.name or out.name.removesuffix(".edgeexit")
         write_manifest(tmp, manifest)
-        log("validating: chaining segments in onnxruntime against torch (batch 1 and 5)")
         cases = validation_inputs(traced.input_shape, real, traced.dynamic_batch, opts.seed)
+        log(f"validating every exit in onnxruntime against torch: {[label for label, _ in cases]}")
         worst = validate_bundle(tmp, traced.module, cases, opts.atol, opts.rtol)
         manifest.export["max_abs_error"] = worst
         write_manifest(tmp, manifest)
@@ -99,7 +103,7 @@ def _cut(traced: Traced, mode: str, log: Progress) -> _Cut:
     analysis = GraphAnalysis(traced.module)
     plan, warnings = plan_cuts(analysis, mode)
     for w in warnings:
-        log(f"WARNING: {w}")
+        log.warn(w)
     segments = build_segments(analysis, plan)
     log(f"split points ({mode}): {[c.name for c in plan.cuts]}; exits per segment {plan.exits_per_segment}")
     return _Cut(traced, analysis, segments, mode)

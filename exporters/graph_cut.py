@@ -121,21 +121,21 @@ class GraphAnalysis:
         return points
 
     def stage_ends(self) -> list[fx.Node]:
-        """Last backbone node of each run of nodes from the same top-level child module."""
-        ends = []
-        names = [_top_module(n) for n in self.backbone_list]
-        for i, name in enumerate(names[:-1]):
-            if name and name != names[i + 1]:
-                ends.append(self.backbone_list[i])
-        return ends
+        """Last backbone node of each run of nodes from the same top-level child module. When one child wraps
+        everything (e.g. a wrapper module), look one level deeper, so wrapped models get their stages too."""
+        paths = [_module_path(n) for n in self.backbone_list]
+        for depth in range(1, 4):
+            names = [".".join(p.split(".")[:depth]) if p else "" for p in paths]
+            if len({n for n in names if n}) > 1:
+                return [self.backbone_list[i] for i, name in enumerate(names[:-1]) if name and name != names[i + 1]]
+        return []
 
 
-def _top_module(n: fx.Node) -> str:
+def _module_path(n: fx.Node) -> str:
+    """Dotted path of the innermost module that produced ``n`` ("" for the root's own forward)."""
     stack = n.meta.get("nn_module_stack") or {}
-    for path, _ in stack.values():
-        if path:
-            return path.split(".")[0]
-    return ""
+    paths = [path for path, _ in stack.values() if path]
+    return paths[-1] if paths else ""
 
 
 def plan_cuts(an: GraphAnalysis, mode: str) -> tuple[CutPlan, list[str]]:

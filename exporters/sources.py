@@ -7,6 +7,7 @@ Sources: a live ``nn.Module`` (Python API), a ``.pt2`` torch.export archive, a T
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import zipfile
@@ -65,7 +66,8 @@ def _check_shape(shape: tuple[int, ...] | None, kind: str) -> tuple[int, ...]:
 
 def trace_module(model: torch.nn.Module, shape: tuple[int, ...], kind: str) -> Traced:
     """Run the model once (to check the contract with a clear error), then torch.export with a dynamic batch."""
-    model = model.eval()
+    with contextlib.suppress(NotImplementedError):  # an ExportedProgram's module() has no eval(); it is already
+        model = model.eval()
     sample = torch.rand((2, *shape[1:]), generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
@@ -129,9 +131,14 @@ def _from_torchscript(path: Path, shape: tuple[int, ...] | None) -> Traced:
             f"this TorchScript archive cannot be converted to torch.export ({_summary(e)}); "
             "export the model from Python with torch.export.save (.pt2) or use --model pkg.mod:factory --weights"
         ) from e
-    # The converter traces with a static batch; re-export its module to get a dynamic one.
-    traced = trace_module(ep.module(), shape, "torchscript")
-    return traced
+    # The converter traces with the sample's static batch; re-export its module to get a dynamic one.
+    try:
+        return trace_module(ep.module(), shape, "torchscript")
+    except ExportError as e:
+        gm = ep.module()
+        warning = (f"the TorchScript model only traces with a static batch ({_summary(e)}); "
+                   "segments will run batch-2 only: export from Python as .pt2 for a dynamic batch")
+        return Traced(gm, "torchscript", (2, *shape[1:]), False, [warning])
 
 
 def _from_factory(opts: ExportOptions) -> Traced:

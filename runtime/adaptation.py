@@ -146,3 +146,29 @@ class BanditAdapter:
         with self._lock:
             means = np.where(self.counts > 0, self.rewards / np.maximum(self.counts, 1), -np.inf)
             return self.arms[int(np.argmax(means))]
+
+
+def next_split(adapter: PlannerAdapter | BanditAdapter) -> int | str:
+    """The split value (int, "device" or "cloud") the adapter wants for the next request."""
+    if isinstance(adapter, PlannerAdapter):
+        return candidate_split(adapter.choose())
+    return adapter.choose()
+
+
+def build_adapter(manifest: Any, runner: Any, options: AdaptOptions, network: str, slowdown: float,
+                  encoding: str, link: LinkStats) -> PlannerAdapter | BanditAdapter:
+    """An adapter for a device runtime: profiles from the bundle when stored, else measured here now."""
+    from edgeexit.profiles import DeviceClass, LatencyProfile, load_network
+    from edgeexit.profiling import measure_profile
+
+    options.check()
+    stored = manifest.profiles
+    host = (LatencyProfile.from_dict(stored["device"]) if "device" in stored
+            else measure_profile(runner, repeats=10, warmup=2))
+    device = host.scaled(DeviceClass("emulated", slowdown)) if slowdown != 1.0 else host
+    if options.mode == "bandit":
+        return BanditAdapter(len(manifest.split_points), device.per_sample_ms(), options)
+    # Without a stored cloud profile, assume the cloud is as fast as this host (a conservative guess).
+    cloud = LatencyProfile.from_dict(stored["cloud"]) if "cloud" in stored else host
+    planner = Planner(manifest, device, cloud, encodings=(encoding,))
+    return PlannerAdapter(planner, load_network(network), link, options)

@@ -98,7 +98,7 @@ class AgentHandler:
         res = self.runtime.infer(x)
         lat = res.latency
         params: dict[str, Any] = {
-            "edgeexit.split": str(self.runtime.split), "edgeexit.bytes_sent": int(res.bytes_sent),
+            "edgeexit.split": str(res.split), "edgeexit.bytes_sent": int(res.bytes_sent),
             "edgeexit.device_ms": lat.device_ms, "edgeexit.encode_ms": lat.encode_ms,
             "edgeexit.network_ms": lat.network_ms, "edgeexit.total_ms": lat.total_ms,
         }

@@ -13,6 +13,7 @@ Torch-free (numpy + a backend + gRPC). One ``infer(x)`` call for a batch:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import numpy as np
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
 from edgeexit.runtime import codec
+from edgeexit.runtime.adaptation import next_split
 from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.runner import SegmentRunner
@@ -55,8 +57,14 @@ class DeviceOptions:
     threads: int = 1
     policy: Any = None  # None = the manifest's calibrated policy; a kind name; or an ExitPolicy object
     # Split point N (device runs segments 0..N), "device" (never offload), "cloud" (send the input), or "auto":
-    # for now the split with the fewest fp32 boundary bytes among the first half of the network.
+    # chosen per request by `adapt` ("planner": the planner's choice for the measured link; "bandit": UCB over
+    # split points; "off": the split with the fewest fp32 boundary bytes among the first half of the network).
     split: int | str = "auto"
+    adapt: str = "planner"
+    network: str = "wifi"  # the planner's prior for the link until offloads measure it
+    # EMULATION of a slower device class: every segment's compute is stretched to this many times its
+    # measured time (by sleeping), and the planner's device profile is scaled alike. 1.0 = no emulation.
+    slowdown: float = 1.0
     cloud: str | None = None  # HOST:PORT of `edgeexit serve`; None = device-only
     client: Any = None  # runtime.client.ClientOptions (TLS, token, message limit)
     encoding: str = "fp32"  # fp32 | fp16 | int8 (int8 uses the manifest's calibrated split quantization)
@@ -85,6 +93,7 @@ class Result:
     latency: Latency
     bytes_sent: int = 0
     fallback_reason: str | None = None  # set when rows fell back
+    split: int | str | None = None  # the split this request ran with
 
     @property
     def decided_codes(self) -> np.ndarray:
@@ -169,17 +178,28 @@ class DeviceRuntime:
             raise ConfigError(f"encoding {o.encoding!r}: choose one of {codec.ENCODINGS}")
         if o.deadline_ms <= 0:
             raise ConfigError("deadline_ms must be positive")
+        if o.slowdown < 1.0:
+            raise ConfigError("slowdown emulates a slower device: it must be >= 1")
         self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads)
         self.manifest = self.runner.manifest
-        self.split = resolve_split(self.manifest, o.split, has_cloud=client is not None or o.cloud is not None)
-        self.quant = self._wire_quant()
+        has_cloud = client is not None or o.cloud is not None
+        adaptive = o.split == "auto" and has_cloud and o.adapt != "off"
+        self.split = resolve_split(self.manifest, "device" if adaptive else o.split, has_cloud)
         self.policy = _resolve_policy(self.manifest, o.policy)
         self.link = LinkStats()
+        self.adapter = None
+        if adaptive:
+            from edgeexit.runtime.adaptation import AdaptOptions, build_adapter
+
+            self.adapter = build_adapter(self.manifest, self.runner, AdaptOptions(mode=o.adapt), o.network,
+                                         o.slowdown, o.encoding, self.link)
+            self.split = next_split(self.adapter)
+        self._quant = {s: self._wire_quant(s) for s in self._possible_splits()}
         self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
         self._clock = clock
         self._on_event = on_event  # (event name, fields): the agent turns these into logs and metrics
         self._client = client
-        if client is None and self.split != "device":
+        if client is None and has_cloud:
             from edgeexit.runtime.client import InferenceClient
 
             self._client = InferenceClient(o.cloud, o.client)
@@ -197,24 +217,34 @@ class DeviceRuntime:
 
     @property
     def cloud_model(self) -> str | None:
-        if self.split == "device":
+        return self._cloud_model(self.split)
+
+    def _cloud_model(self, split: int | str) -> str | None:
+        if split == "device":
             return None
-        return self.manifest.name if self.split == "cloud" else f"{self.manifest.name}@{self.split}"
+        return self.manifest.name if split == "cloud" else f"{self.manifest.name}@{split}"
 
     def infer(self, x: np.ndarray) -> Result:
         """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
         start = self._clock()
         deadline = start + self.options.deadline_ms / 1000.0
         x = self._check_input(x)
+        # One split per request: concurrent requests never see a split change half-way.
+        split = self.split = next_split(self.adapter) if self.adapter is not None else self.split
         lat = Latency()
         pend = _Pending(len(x), self.num_classes)
-        last_local = {"device": self.runner.num_segments - 1, "cloud": -1}.get(self.split, self.split)
+        last_local = {"device": self.runner.num_segments - 1, "cloud": -1}.get(split, split)
         cur = self._run_local(pend, x, 0, int(last_local), lat)
         result_bytes, reason = 0, None
         if not pend.empty:
-            result_bytes, reason = self._offload(pend, cur, deadline, lat)
+            result_bytes, reason = self._offload(pend, cur, deadline, lat, split)
         lat.total_ms = (self._clock() - start) * 1000.0
-        return Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason)
+        result = Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason, split)
+        if self.adapter is not None:
+            self.adapter.observe(split, result)
+            if split == "device" and self.adapter.probe_due():
+                self._probe(x)
+        return result
 
     def close(self) -> None:
         if self._client is not None:
@@ -228,6 +258,8 @@ class DeviceRuntime:
         for k in range(first, last + 1):
             t0 = self._clock()
             out = self.runner.run_segment(k, cur)
+            if self.options.slowdown > 1.0:  # emulated slower device: stretch this segment's compute
+                time.sleep((self._clock() - t0) * (self.options.slowdown - 1.0))
             lat.device_ms += (self._clock() - t0) * 1000.0
             cur = out.boundary
             for j in self.manifest.segments[k].exits:
@@ -244,17 +276,19 @@ class DeviceRuntime:
                 break
         return cur
 
-    def _offload(self, pend: _Pending, cur: np.ndarray, deadline: float, lat: Latency) -> tuple[int, str | None]:
+    def _offload(self, pend: _Pending, cur: np.ndarray, deadline: float, lat: Latency, split: int | str
+                 ) -> tuple[int, str | None]:
         """Send the pending rows to the cloud; on any failure fall back locally. Returns (bytes sent, reason)."""
         o = self.options
         t0 = self._clock()
-        wire = codec.encode(cur, o.encoding, self.quant, o.compress)
+        wire = codec.encode(cur, o.encoding, self._quant[split], o.compress)
         lat.encode_ms = (self._clock() - t0) * 1000.0
-        input_name = self.manifest.input.name if self.split == "cloud" else f"boundary{self.split}"
+        input_name = self.manifest.input.name if split == "cloud" else f"boundary{split}"
+        model = self._cloud_model(split)
         request_id = uuid.uuid4().hex
 
         def call(timeout: float) -> dict[str, np.ndarray]:
-            return self._client.infer(self.cloud_model, input_name, wire, timeout=timeout, request_id=request_id)
+            return self._client.infer(model, input_name, wire, timeout=timeout, request_id=request_id)
 
         t1 = self._clock()
         try:
@@ -265,7 +299,7 @@ class DeviceRuntime:
             reason = f"{type(e).__name__}: {e}"
             log.info("offload failed, falling back (%s)", reason)
             self._emit("fallback", rows=len(pend.rows), reason=reason, error=type(e).__name__)
-            self._fallback(pend, cur, lat)
+            self._fallback(pend, cur, lat, split)
             return 0, reason
         elapsed = self._clock() - t1
         lat.network_ms = elapsed * 1000.0
@@ -274,7 +308,7 @@ class DeviceRuntime:
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
         return len(wire.data), None
 
-    def _fallback(self, pend: _Pending, cur: np.ndarray, lat: Latency) -> None:
+    def _fallback(self, pend: _Pending, cur: np.ndarray, lat: Latency, split: int | str) -> None:
         if self.options.on_failure == "best-exit" and pend.history:
             probs = [softmax(h) for h in pend.history]
             conf = np.stack([p.max(1) for p in probs])  # [exits seen, rows]
@@ -287,8 +321,27 @@ class DeviceRuntime:
                     probs = [q[~mask] for q in probs]
             return
         # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
-        first = 0 if self.split == "cloud" else int(self.split) + 1
+        first = 0 if split == "cloud" else int(split) + 1
         self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
+
+    def _probe(self, x: np.ndarray) -> None:
+        """While device-only there are no offloads to measure the link: send one row's boundary in the
+        background (its answer is ignored; the user was answered already) so the planner notices recovery."""
+        split = self.adapter.probe_split()
+        model = self._cloud_model(split)
+
+        def probe() -> None:
+            try:
+                boundary = self.runner.run(x[:1], 0, split + 1).boundary
+                wire = codec.encode(boundary, self.options.encoding, self._quant.get(split), self.options.compress)
+                t0 = self._clock()
+                self._client.infer(model, f"boundary{split}", wire, timeout=self.options.deadline_ms / 1000.0)
+                self.link.record(len(wire.data), self._clock() - t0)
+                self._emit("probe", split=split, bytes=len(wire.data), seconds=round(self._clock() - t0, 4))
+            except EdgeExitError as e:
+                self._emit("probe", split=split, error=type(e).__name__)
+
+        threading.Thread(target=probe, name="edgeexit-probe", daemon=True).start()
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _deepest_exit(self, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
@@ -313,20 +366,27 @@ class DeviceRuntime:
             raise InvalidTensor("input contains NaN or inf")
         return self.runner.normalize(x)
 
-    def _wire_quant(self) -> dict[str, float] | None:
-        if self.options.encoding != "int8" or self.split == "device":
+    def _possible_splits(self) -> list[int | str]:
+        if self.adapter is None:
+            return [self.split]
+        return [*range(len(self.manifest.split_points)), "device", "cloud"]
+
+    def _wire_quant(self, split: int | str) -> dict[str, float] | None:
+        if self.options.encoding != "int8" or split == "device":
             return None
-        if self.split == "cloud":
+        if split == "cloud":
+            if self.adapter is not None:
+                return None  # the planner never sends the input as int8; see Planner(encodings=...)
             raise ConfigError("int8 needs calibrated quantisation, and the raw input has none; "
                               "use --encoding fp16 or fp32 with --split cloud")
-        q = self.manifest.split_points[int(self.split)].quantization
+        q = self.manifest.split_points[int(split)].quantization
         if not q:
-            raise ConfigError(f"split {self.split} has no calibrated int8 quantisation; run "
+            raise ConfigError(f"split {split} has no calibrated int8 quantisation; run "
                               "`edgeexit calibrate BUNDLE` first, or use --encoding fp16")
         return q
 
     def _segments_to_open(self) -> range:
-        if self.split == "device" or self.options.on_failure == "finish-local" or self.split == "cloud":
+        if self.adapter is not None or self.split in ("device", "cloud") or self.options.on_failure == "finish-local":
             return range(self.runner.num_segments)
         return range(int(self.split) + 1)
 

@@ -74,13 +74,24 @@ def test_rows_exit_early_where_the_policy_says(agent_bundle, raw_batch):
     assert (res.labels[early] == exit0[early].argmax(1)).all()
 
 
-def test_auto_split_picks_fewest_fp32_bytes_in_the_first_half(agent_bundle):
+def test_static_auto_split_picks_fewest_fp32_bytes_in_the_first_half(agent_bundle):
     m = Bundle.load(agent_bundle).manifest
     half = m.split_points[: max(1, len(m.segments) // 2)]
     best = min(half, key=lambda p: p.bytes_per_sample["fp32"])
     assert auto_split(m) == best.index
-    rt = DeviceRuntime(agent_bundle, DeviceOptions(policy="never", split="auto"), client=FakeClient(agent_bundle))
-    assert rt.split == best.index and rt.cloud_model == f"{m.name}@{best.index}"
+    opts = DeviceOptions(policy="never", split="auto", adapt="off")
+    rt = DeviceRuntime(agent_bundle, opts, client=FakeClient(agent_bundle))
+    assert rt.split == best.index and rt.cloud_model == f"{m.name}@{best.index}" and rt.adapter is None
+
+
+@pytest.mark.parametrize("network, slowdown, expect", [("congested", 1.0, "device"), ("wifi", 400.0, "cloud")])
+def test_auto_split_is_the_planners_choice(agent_bundle, raw_batch, network, slowdown, expect):
+    """A tiny model on a bad link stays on the device; an (emulated) very slow device ships the input."""
+    opts = DeviceOptions(policy="never", split="auto", network=network, slowdown=slowdown)
+    rt = DeviceRuntime(agent_bundle, opts, client=FakeClient(agent_bundle))
+    assert rt.adapter is not None and rt.split == expect
+    res = rt.infer(raw_batch[:2])
+    assert res.split == expect and len(res.labels) == 2
 
 
 @pytest.mark.parametrize("opts, match", [

@@ -6,8 +6,7 @@ import argparse
 
 SPLIT_HELP = (
     "where to cut: a split point N (the device runs segments 0..N), 'device' (never offload), 'cloud' (send "
-    "the input), or 'auto' (default). For now 'auto' picks the split with the fewest fp32 boundary bytes among "
-    "the first half of the network; the planner will replace this choice."
+    "the input), or 'auto' (default): chosen per request by --adapt."
 )
 
 
@@ -21,6 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="path to a <name>.edgeexit bundle")
     p.add_argument("--cloud", metavar="HOST:PORT", help="address of `edgeexit serve`; omit to run device-only")
     p.add_argument("--split", default="auto", help=SPLIT_HELP)
+    p.add_argument("--adapt", choices=["planner", "bandit", "off"], default="planner",
+                   help="with --split auto: 'planner' = the planner's choice for the link as measured from real "
+                        "offloads (re-planned with hysteresis; probes while device-only), 'bandit' = SplitEE-style "
+                        "UCB over split points, 'off' = the split with the fewest fp32 boundary bytes in the first "
+                        "half of the network")
+    p.add_argument("--network", default="wifi",
+                   help="network profile the planner assumes until offloads measure the link (default wifi)")
+    p.add_argument("--emulate-device", metavar="CLASS",
+                   help="EMULATION: stretch device compute by a device class's slowdown (e.g. raspberry-pi-4)")
     p.add_argument("--policy", default=None,
                    help="exit policy kind (confidence, entropy, margin, patience, ensemble, never); "
                         "default: the bundle's calibrated policy (never exit early if uncalibrated)")
@@ -59,10 +67,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--retries must be >= 0, --breaker-failures and --threads >= 1, --breaker-cooldown-s >= 0")
     client = ClientOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                            token=read_token_file(args.token_file) if args.token_file else None)
+    slowdown = 1.0
+    if args.emulate_device:
+        from edgeexit.profiles import load_device_class
+
+        slowdown = load_device_class(args.emulate_device).slowdown
     device = DeviceOptions(
         backend=args.backend, threads=args.threads, policy=args.policy, split=args.split, cloud=args.cloud,
         client=client, encoding=args.encoding, compress=args.compress, deadline_ms=args.deadline_ms,
-        on_failure=args.on_failure, retry=RetryOptions(retries=args.retries),
+        on_failure=args.on_failure, retry=RetryOptions(retries=args.retries), adapt=args.adapt,
+        network=args.network, slowdown=slowdown,
         breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
     )
     Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port)).serve_forever()

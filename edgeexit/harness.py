@@ -1,0 +1,150 @@
+"""Real `edgeexit serve` and `edgeexit agent` processes, and an app-side client for the agent.
+
+The demo, `edgeexit bench`, the benchmarks and the simulated-network scenarios all run the real processes
+through this module, so "start, wait until ready, talk, stop cleanly" is written once. A process's stderr
+(its JSON event log) goes to a file, and its stdout is drained after "ready on", so a chatty process can
+never block on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeexit.errors import ConfigError
+
+DECIDED_NAMES = {0: "device", 1: "cloud", 2: "device-fallback"}
+
+
+@dataclass
+class Proc:
+    """A running edgeexit process that has printed "ready on TARGET"."""
+
+    name: str
+    popen: subprocess.Popen
+    target: str
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as a scenario needs it."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch(name: str, args: Sequence[str], log_dir: Path, prefix: Sequence[str] = (), timeout: float = 90.0,
+           env: dict[str, str] | None = None) -> Proc:
+    """Start ``python -m edgeexit ARGS`` (optionally behind ``prefix``, e.g. ``ip netns exec NS``)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115  closed by the drain thread when the process ends
+    popen = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "edgeexit", *args], stdout=subprocess.PIPE, stderr=log_file, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    deadline = time.monotonic() + timeout
+    target = None
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            if popen.poll() is not None:
+                break
+            continue
+        log_file.write(line)
+        if "ready on" in line:
+            target = line.split("ready on", 1)[1].split()[0].strip()
+            break
+    if target is None:
+        popen.kill()
+        popen.wait()
+        log_file.close()
+        raise ConfigError(f"`edgeexit {' '.join(args)}` did not become ready: see {log_path}\n"
+                          + log_path.read_text()[-2000:])
+
+    def drain() -> None:
+        for rest in popen.stdout:
+            log_file.write(rest)
+        log_file.close()
+
+    threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
+    return Proc(name, popen, target, log_path)
+
+
+@dataclass
+class AgentAnswer:
+    labels: np.ndarray
+    probabilities: np.ndarray
+    exits: np.ndarray
+    decided: list[str]
+    params: dict[str, Any]
+    seconds: float  # wall time as the app saw it
+
+
+class AgentClient:
+    """What an app on the device does: send raw pixels to the agent over OIP v2 and read the answer."""
+
+    def __init__(self, target: str, model: str, timeout: float = 30.0):
+        import grpc
+
+        from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
+
+        self.model = model
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def infer(self, x: np.ndarray) -> AgentAnswer:
+        from edgeexit.runtime.oip_messages import outputs_from_pb, params_from_pb
+        from edgeexit.runtime.proto import grpc_service_pb2 as pb
+
+        x = np.ascontiguousarray(x, np.float32)
+        req = pb.ModelInferRequest(model_name=self.model)
+        req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(x.tobytes())
+        t0 = time.perf_counter()
+        resp = self._stub.ModelInfer(req, timeout=self.timeout)
+        seconds = time.perf_counter() - t0
+        out = outputs_from_pb(resp)
+        return AgentAnswer(out["label"], out["probabilities"], out["exit"],
+                           [DECIDED_NAMES[int(c)] for c in out["decided"]], params_from_pb(resp.parameters), seconds)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

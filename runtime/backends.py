@@ -6,8 +6,9 @@ LiteRT installed never imports onnxruntime, and the reverse.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,6 +16,16 @@ from edgeexit.errors import ConfigError
 
 # backend name -> the bundle format it runs
 BACKEND_FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
+
+
+@dataclass(frozen=True)
+class SegmentIO:
+    """What the manifest knows about one segment file: its ONNX-style tensor names and the format's ``extra``
+    facts (e.g. the TFLite signature mapping). Backends whose files carry the names themselves ignore it."""
+
+    input_names: list[str]
+    output_names: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SegmentSession(Protocol):
@@ -46,12 +57,15 @@ class OrtSession:
         return self._sess.run(self.output_names, feeds)
 
 
-def open_session(path: Path, backend: str = "onnxruntime", threads: int = 1, fmt: str | None = None) -> SegmentSession:
-    """Open one segment file with the named backend."""
+def open_session(path: Path, backend: str = "onnxruntime", threads: int = 1, fmt: str | None = None,
+                 io: SegmentIO | None = None) -> SegmentSession:
+    """Open one segment file with the named backend (``io``: the manifest's names/extra for that file)."""
     if backend == "onnxruntime":
         return OrtSession(path, threads)
     if backend == "litert":
         from edgeexit.runtime.litert_backend import LiteRTSession
 
-        return LiteRTSession(path, threads)
+        if io is None:
+            return LiteRTSession(path, threads)
+        return LiteRTSession(path, threads, extra=io.extra, names=(io.input_names, io.output_names))
     raise ConfigError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FORMATS)}")

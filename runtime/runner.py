@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeexit.bundle import BATCH, Bundle, TensorSpec
 from edgeexit.errors import ConfigError, InvalidTensor
-from edgeexit.runtime.backends import BACKEND_FORMATS, SegmentSession, open_session
+from edgeexit.runtime.backends import BACKEND_FORMATS, SegmentIO, SegmentSession, open_session
 
 
 @dataclass
@@ -43,6 +43,9 @@ class SegmentRunner:
         self.backend = backend
         self.threads = threads
         self.fmt = fmt or BACKEND_FORMATS[backend]
+        if not self.fmt.startswith(BACKEND_FORMATS[backend]):
+            raise ConfigError(f"backend {backend!r} runs {BACKEND_FORMATS[backend]}* formats, not {self.fmt!r}; "
+                              f"pick a matching --backend or format")
         self.manifest = self.bundle.manifest
         self._sessions: dict[int, SegmentSession] = {}
 
@@ -52,7 +55,10 @@ class SegmentRunner:
 
     def session(self, k: int) -> SegmentSession:
         if k not in self._sessions:
-            self._sessions[k] = open_session(self.bundle.segment_path(k, self.fmt), self.backend, self.threads)
+            path = self.bundle.segment_path(k, self.fmt)
+            seg = self.manifest.segments[k]
+            io = SegmentIO([t.name for t in seg.inputs], [t.name for t in seg.outputs], seg.files[self.fmt].extra)
+            self._sessions[k] = open_session(path, self.backend, self.threads, self.fmt, io)
         return self._sessions[k]
 
     def normalize(self, x: np.ndarray) -> np.ndarray:

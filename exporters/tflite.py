@@ -105,11 +105,12 @@ def export_tflite_segment(module: torch.nn.Module, sample: torch.Tensor, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     float_model, batch = convert_float(module, sample, names)
+    calib_batch = CALIBRATION_BATCH if batch == "dynamic" else int(batch.split(":")[1])
     results: dict[str, dict] = {}
     for variant in variants:
         spec = VARIANTS[variant]
         data, quant = (float_model, {}) if not spec.recipe else quantize(
-            float_model, variant, QuantInputs(calibration, names, 1 if batch != "dynamic" else CALIBRATION_BATCH))
+            float_model, variant, QuantInputs(calibration, names, calib_batch))
         filename = stem + spec.suffix
         (out_dir / filename).write_bytes(data)
         extra = {"signature": SIGNATURE, "input": names.input, "outputs": list(names.outputs),
@@ -143,7 +144,8 @@ def _quiet() -> Iterator[None]:
 
 def convert_float(module: torch.nn.Module, sample: torch.Tensor, names: SegmentNames) -> tuple[bytes, str]:
     """fp32 TFLite bytes and the batch contract: ``dynamic`` when the converter keeps a symbolic batch axis,
-    else a batch-1 model (``fixed:1``) the runtime loops over."""
+    else a fixed-batch model (``fixed:1``, or ``fixed:<n>`` if the segment only works at its sample's batch)
+    that the runtime feeds chunk by chunk."""
     import litert_torch
 
     wrapped = named_io(module, names)
@@ -158,16 +160,20 @@ def convert_float(module: torch.nn.Module, sample: torch.Tensor, names: SegmentN
             data = model.model_content()
             if _batch_axis(data) == -1:
                 return bytes(data), "dynamic"
-        except Exception as e:  # the converter raises many types; fall back to batch 1 and say so below
+        except Exception as e:  # the converter raises many types; fall back to a fixed batch, stated below
             dynamic_error = e
-        try:
-            model = litert_torch.convert(wrapped, (), {names.input: sample[:1].contiguous()})
-        except Exception as e:
-            raise ExportError(f"litert-torch cannot convert this segment ({type(e).__name__}: {e}); "
-                              "export without --formats tflite, or simplify the segment's ops") from e
-    if dynamic_error is not None:
-        logging.getLogger(__name__).info("dynamic batch failed (%s); wrote a batch-1 TFLite model", dynamic_error)
-    return bytes(model.model_content()), "fixed:1"
+        # Batch 1 first (any batch is then a loop); a module with its batch baked in keeps the sample's batch.
+        for fixed in dict.fromkeys([1, int(sample.shape[0])]):
+            try:
+                model = litert_torch.convert(wrapped, (), {names.input: sample[:fixed].contiguous()})
+                break
+            except Exception as e:
+                error = e
+        else:
+            raise ExportError(f"litert-torch cannot convert this segment ({type(error).__name__}: {error}); "
+                              "export without --formats tflite, or simplify the segment's ops") from error
+    logging.getLogger(__name__).info("dynamic batch failed (%s); wrote a batch-%d TFLite model", dynamic_error, fixed)
+    return bytes(model.model_content()), f"fixed:{fixed}"
 
 
 def _interpreter(data: bytes):
@@ -186,7 +192,7 @@ class QuantInputs:
 
     calibration: np.ndarray | None  # real inputs of this segment (static int8 only)
     names: SegmentNames
-    batch: int  # calibration batch: 1 for fixed-batch models (XNNPACK cannot resize them)
+    batch: int  # calibration batch: the model's own for fixed-batch models (XNNPACK cannot resize them)
 
 
 def quantize(float_model: bytes, variant: str, inputs: QuantInputs) -> tuple[bytes, dict[str, Any]]:
@@ -209,7 +215,7 @@ def quantize(float_model: bytes, variant: str, inputs: QuantInputs) -> tuple[byt
     if q.need_calibration:
         batches = calibration_batches(inputs.calibration, inputs.names.input, inputs.batch)
         calib = q.calibrate({SIGNATURE: batches}, num_threads=1)
-        facts["calibration_samples"] = sum(len(b[inputs.names.input]) for b in batches)
+        facts["calibration_samples"] = int(len(inputs.calibration))
     try:
         result = q.quantize(calib, enable_progress_report=False)
     except Exception as e:  # the quantizer raises plain ValueError/RuntimeError
@@ -219,11 +225,14 @@ def quantize(float_model: bytes, variant: str, inputs: QuantInputs) -> tuple[byt
 
 def calibration_batches(calibration: np.ndarray | None, input_name: str,
                         batch: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
-    """Split real samples into batches the calibrator feeds through the float model."""
+    """Split real samples into equal batches the calibrator feeds through the float model (the tail is topped up
+    with the first samples again, so a fixed-batch model gets full batches)."""
     if calibration is None or len(calibration) == 0:
         raise ConfigError("static int8 needs calibration inputs; pass --calibration-data")
     data = np.ascontiguousarray(calibration, dtype=np.float32)
-    return [{input_name: data[i:i + batch]} for i in range(0, len(data), batch)]
+    count = -(-len(data) // batch) * batch
+    data = np.resize(data, (count, *data.shape[1:]))  # np.resize repeats from the start
+    return [{input_name: data[i:i + batch]} for i in range(0, count, batch)]
 
 
 def io_quantization(data: bytes) -> dict[str, Any]:

@@ -128,12 +128,12 @@ class LiteRTSession:
             raise InvalidTensor(f"{name}: expected a batched tensor, got a scalar")
         if self._dynamic_batch or x.shape[0] == self._fixed_batch:
             return self._invoke(x)
-        if x.shape[0] % self._fixed_batch:
-            raise InvalidTensor(f"{name}: batch {x.shape[0]} is not a multiple of this model's fixed batch "
-                                f"{self._fixed_batch}")
         # Fixed-batch model (manifest "fixed:<n>"): run chunk by chunk and stitch the outputs back together.
-        parts = [self._invoke(x[i:i + self._fixed_batch]) for i in range(0, x.shape[0], self._fixed_batch)]
-        return [np.concatenate(chunks, axis=0) for chunks in zip(*parts, strict=True)]
+        # Samples are independent at inference, so a short last chunk is padded with zeros and cut off again.
+        n, size = x.shape[0], self._fixed_batch
+        padded = np.concatenate([x, np.zeros((-n % size, *x.shape[1:]), x.dtype)]) if n % size else x
+        parts = [self._invoke(padded[i:i + size]) for i in range(0, len(padded), size)]
+        return [np.concatenate(chunks, axis=0)[:n] for chunks in zip(*parts, strict=True)]
 
     def _invoke(self, x: np.ndarray) -> list[np.ndarray]:
         batch = x.shape[0]

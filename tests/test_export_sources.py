@@ -132,7 +132,7 @@ def test_tolerance_failure_names_segment_and_exit_and_leaves_nothing(tmp_path):
     """With a zero tolerance onnxruntime's float rounding must fail validation; no bundle may remain."""
     out = tmp_path / "t.edgeexit"
     with pytest.raises(ToleranceError, match=r"segment \d exit \d"):
-        export_model(seeded(TinyResNet()), out, options=ExportOptions(
+        export_model(seeded(TinySequential()), out, options=ExportOptions(
             input_shape=SHAPE, split_points="exits", atol=0.0, rtol=0.0, progress=False))
     assert list(tmp_path.iterdir()) == []
 

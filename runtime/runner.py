@@ -48,6 +48,7 @@ class SegmentRunner:
                               f"pick a matching --backend or format")
         self.manifest = self.bundle.manifest
         self._sessions: dict[int, SegmentSession] = {}
+        self._steps: dict[int, tuple[SegmentSession, str, list[int], bool]] = {}
 
     @property
     def num_segments(self) -> int:
@@ -71,26 +72,40 @@ class SegmentRunner:
         std = np.asarray(norm["std"], np.float32).reshape(shape)
         return ((x - mean) / std).astype(np.float32)
 
-    def run_segment(self, k: int, x: np.ndarray) -> SegmentOutput:
-        seg = self.manifest.segments[k]
-        check_tensor(x, seg.inputs[0])
-        outs = self.session(k).run({seg.inputs[0].name: x})
-        last = k == self.num_segments - 1
-        boundary = None if last else outs[0]
+    def _step(self, k: int) -> tuple[SegmentSession, str, list[int], bool]:
+        """(session, input name, exits, is last) of segment k, resolved once: run() is a hot path."""
+        if k not in self._steps:
+            seg = self.manifest.segments[k]
+            self._steps[k] = (self.session(k), seg.inputs[0].name, seg.exits, k == self.num_segments - 1)
+        return self._steps[k]
+
+    def _run_unchecked(self, k: int, x: np.ndarray, exits: dict[int, np.ndarray]) -> np.ndarray | None:
+        sess, name, owned, last = self._step(k)
+        outs = sess.run({name: x})
         exit_outs = outs if last else outs[1:]
-        return SegmentOutput(boundary, dict(zip(seg.exits, exit_outs, strict=True)))
+        for j, logits in zip(owned, exit_outs, strict=True):
+            exits[j] = logits
+        return None if last else outs[0]
+
+    def run_segment(self, k: int, x: np.ndarray) -> SegmentOutput:
+        check_tensor(x, self.manifest.segments[k].inputs[0])
+        exits: dict[int, np.ndarray] = {}
+        boundary = self._run_unchecked(k, x, exits)
+        return SegmentOutput(boundary, exits)
 
     def run(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> SegmentOutput:
-        """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1})."""
+        """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1}).
+
+        Only ``x`` is validated: later boundaries come from our own segments, whose shapes the bundle fixes.
+        """
         stop = self.num_segments if stop is None else stop
         if not 0 <= start < stop <= self.num_segments:
             raise ConfigError(f"segment range {start}..{stop} is outside 0..{self.num_segments}")
+        check_tensor(x, self.manifest.segments[start].inputs[0])
         exits: dict[int, np.ndarray] = {}
         cur: np.ndarray | None = x
         for k in range(start, stop):
-            out = self.run_segment(k, cur)
-            exits.update(out.exits)
-            cur = out.boundary
+            cur = self._run_unchecked(k, cur, exits)
         return SegmentOutput(cur, exits)
 
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:

@@ -49,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"relaying {host}:{port} -> {target[0]}:{target[1]}", flush=True)
         while not stop.wait(args.stats_every or None):
             print(f"stats {relay.stats}", flush=True)
-        print(f"stats {relay.stats}", flush=True)
+    print(f"stats {relay.stats}", flush=True)  # after close: every delivery has been counted
     return 0

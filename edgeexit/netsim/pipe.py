@@ -76,10 +76,16 @@ class Pipe:
 
     async def _shape(self) -> None:
         bucket = TokenBucket()
+        last_available = time.monotonic()  # not 0: the link did not exist before the connection
         while True:
             await self._has_space.wait()
             data = await self._reader.read(READ_SIZE)
             available = time.monotonic()
+            if len(data) == READ_SIZE:
+                # A full read means the sender was backlogged while we were late (a busy CPU): a real link would
+                # not have idled meanwhile, so the bytes count as available once the link was free again.
+                available = min(available, max(bucket.free_at, last_available))
+            last_available = available
             if not data:
                 self._push(_Piece(available, 0.0, EOF))
                 return
@@ -142,8 +148,8 @@ class Pipe:
 
     def _send(self, batch: list[bytes]) -> None:
         data = b"".join(batch)
+        self._count(self.direction, len(data))  # before the write: a peer that saw the bytes sees them counted
         self._writer.write(data)
         self._queued_bytes -= len(data)
         if self._queued_bytes <= MAX_QUEUED:
             self._has_space.set()
-        self._count(self.direction, len(data))

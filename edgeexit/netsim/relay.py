@@ -171,6 +171,9 @@ class Relay:
         host, port = self._listen
         server = await asyncio.start_server(self._accept, host, port)
         self._address = server.sockets[0].getsockname()[:2]
+        if self._address[1] == self.target[1] and self.target[0] in (self._address[0], "localhost", "0.0.0.0"):
+            server.close()
+            raise OSError(f"it would relay to itself ({self.target[0]}:{self.target[1]})")
         self._ready.set()
         try:
             while not self._stopping.is_set():

@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="raspberry-pi-4",
                    help="device class to EMULATE on the agent (devices/classes; 'host' = no emulation)")
     p.add_argument("--networks", default=DEFAULT_NETWORKS, help=f"network profiles to run (default {DEFAULT_NETWORKS})")
-    p.add_argument("--samples", type=int, default=100,
-                   help="Fashion-MNIST test images per network, spread evenly over the 10k (default 100)")
+    p.add_argument("--samples", type=int, default=20,
+                   help="Fashion-MNIST test images per network, spread evenly over the 10k (default 20: bounded "
+                        "for a shared 2-core machine; raise it on a quiet one)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up requests per agent and network, excluded (3)")
     p.add_argument("--deadline-ms", type=float, default=1000.0, help="the agents' per-request deadline (1000)")
     p.add_argument("--out", default="benchmarks/results", help="where bench.json/.md/.png go")
@@ -53,7 +54,7 @@ class BenchOptions:
     bundle: Path | None
     device: str = "raspberry-pi-4"
     networks: list[str] = field(default_factory=lambda: DEFAULT_NETWORKS.split(","))
-    samples: int = 100
+    samples: int = 20
     warmup: int = 3
     deadline_ms: float = 1000.0
     out: Path = Path("benchmarks/results")

@@ -1,0 +1,109 @@
+"""edgeexit.experiment (real serve + agent processes behind the relay) and `edgeexit bench` on the tiny bundle."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeexit import experiment as ex
+from edgeexit.errors import ConfigError
+from edgeexit.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
+from edgeexit.experiment_report import best_of, summarize, summarize_all
+from edgeexit.profiles import load_network
+from edgeexit.runtime.runner import SegmentRunner
+
+
+def _edgeexit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeexit", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_static_strategies_through_real_processes_give_sane_rows(tiny_bundle, tmp_path):
+    runner = SegmentRunner(tiny_bundle)
+    x = np.random.default_rng(1).random((3, 1, 28, 28), dtype=np.float32)
+    y = runner.run_all(runner.normalize(x))[-1].argmax(1)  # the local full model's answer is "the truth"
+    cond = Condition("test-link", up_mbit=20, down_mbit=20, rtt_ms=40)
+    strategies = [Strategy("cloud-only", "cloud", "never"), Strategy("device-only", "device", "never")]
+    with ex.Testbed(ex.TestbedOptions(tiny_bundle, device_class=None, warmup=1, log_dir=tmp_path)) as bed:
+        rows = run_condition(bed, strategies, cond, x, y)
+    assert [r.strategy for r in rows] == ["cloud-only", "device-only"] * 3  # interleaved sample by sample
+    by = summarize_all(rows)["test-link"]
+    cloud, device = by["cloud-only"], by["device-only"]
+    assert cloud.accuracy == device.accuracy == 1.0  # same answers as the bundle run locally
+    in_bytes = runner.manifest.input.sample_elements() * 4
+    assert cloud.bytes_per_request == in_bytes and cloud.offloaded == 1.0 and cloud.splits == {"cloud": 3}
+    assert min(r.wall_ms for r in rows if r.strategy == "cloud-only") >= 40  # the relay's RTT is imposed
+    assert cloud.cloud_ms > 0 and device.cloud_ms == 0 and device.bytes_per_request == 0
+    assert device.device_ms > 0 and device.splits == {"device": 3} and device.fallbacks == 0
+
+
+def _sample(strategy: str, wall: float, label: int = 1, truth: int = 1) -> Sample:
+    return Sample(strategy, "c", 0, label, truth, 2, "cloud", "0", 100, wall, 1.0, wall - 1, 0.5, False)
+
+
+def test_summaries_and_the_oracle_pick_the_fastest_measured_strategy():
+    rows = [_sample("a", 10), _sample("a", 30, label=0), _sample("b", 5), _sample("b", 7)]
+    by = summarize_all(rows)["c"]
+    assert by["a"].mean_ms == 20 and by["a"].accuracy == 0.5 and by["b"].accuracy == 1.0
+    assert by["a"].p95_ms == pytest.approx(29.0)
+    oracle = best_of(by, ["a", "b"], "oracle")
+    assert oracle.strategy == "oracle" and oracle.picked == "b" and oracle.mean_ms == 6
+    assert "oracle (= b)" in oracle.row()[1]
+    with pytest.raises(ConfigError, match="none of the strategies"):
+        best_of(by, ["missing"], "oracle")
+    with pytest.raises(ConfigError):
+        summarize([])
+
+
+def test_condition_maps_to_relay_and_a_loadable_prior(tmp_path):
+    cond = Condition.from_network(load_network("4g"))
+    link = cond.link()
+    assert link.delay_ms == cond.rtt_ms / 2 and link.up_mbit == 8.0 and link.down_mbit == 30.0
+    prior = load_network(str(cond.write_prior(tmp_path)))
+    assert (prior.up_mbit, prior.down_mbit, prior.rtt_ms) == (8.0, 30.0, 50.0)
+
+
+def test_subsample_spreads_over_the_split():
+    idx = subsample(5, 10_000)
+    assert len(idx) == 5 and idx[0] == 0 and idx[-1] == 9_999 and np.all(np.diff(idx) > 1000)
+    assert len(subsample(50, 10)) == 10
+    with pytest.raises(ConfigError):
+        subsample(0, 10)
+
+
+def test_prepare_says_what_to_do_without_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="train one"):
+        prepare_bundle(tmp_path / "missing.pt2", None, tmp_path)
+    with pytest.raises(ConfigError, match="edgeexit export"):
+        prepare_bundle(None, tmp_path / "missing.edgeexit", tmp_path)
+
+
+def test_bench_help_and_user_errors():
+    done = _edgeexit("bench", "--help")
+    assert done.returncode == 0 and "--networks" in done.stdout and "edgeexit_over_oracle_worst" in done.stdout
+    bad = _edgeexit("bench", "--bundle", "nowhere.edgeexit", "--networks", "no-such-net")
+    assert bad.returncode == 2 and "unknown network profile" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_cli_end_to_end_on_the_tiny_bundle(tiny_bundle, tmp_path):
+    bundle = tmp_path / "tiny.edgeexit"
+    shutil.copytree(tiny_bundle, bundle)  # bench calibrates and profiles it in place
+    out = tmp_path / "results"
+    done = _edgeexit("bench", "--bundle", str(bundle), "--networks", "wifi", "--samples", "2", "--warmup", "1",
+                     "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(last) == {"edgeexit_over_oracle_worst", "edgeexit_over_best_baseline_mean"}
+    assert all(v > 0 for v in last.values())
+    result = json.loads((out / "bench.json").read_text())
+    assert len(result["notes"]) == 3  # calibrated, device and cloud profiles: said, not silent
+    wifi = result["results"]["wifi"]
+    assert {"device-only", "cloud-only", "neurosurgeon", "branchynet", "edgeexit", "oracle"} <= set(wifi)
+    assert wifi["oracle"]["mean_ms"] == min(v["mean_ms"] for k, v in wifi.items() if k not in ("oracle", "edgeexit",
+                                                                                                   "neurosurgeon"))
+    assert result["emulated"] and "EMULATED raspberry-pi-4" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 1000

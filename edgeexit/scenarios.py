@@ -262,12 +262,13 @@ class Scenario:
             self.relay.update(up_mbit=up_mbit, down_mbit=down_mbit)
 
 
-def metrics_port(proc: Proc) -> int:
-    """The Prometheus port a `edgeexit serve --metrics-port 0` process announced."""
-    for line in proc.log().splitlines():
-        if "metrics on " in line:
-            return int(line.split("metrics on ", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-    raise ConfigError(f"{proc.name} announced no metrics port; start it with --metrics-port; see {proc.log_path}")
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for options such as ``serve --metrics-port`` whose chosen port we must know)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def launch(name: str, args: Sequence[str], log_dir: Path, prefix: Sequence[str] 
     """Start ``python -m edgeexit ARGS`` (optionally behind ``prefix``, e.g. ``ip netns exec NS``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "w")  # noqa: SIM115  closed by the drain thread when the process ends
+    log_file = open(log_path, "w", buffering=1)  # noqa: SIM115  line-buffered; the drain thread closes it
     popen = subprocess.Popen(
         [*prefix, sys.executable, "-m", "edgeexit", *args], stdout=subprocess.PIPE, stderr=log_file, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

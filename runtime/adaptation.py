@@ -34,7 +34,7 @@ ADAPT_MODES = ("planner", "bandit", "off")
 class AdaptOptions:
     mode: str = "planner"
     hysteresis: float = 0.35  # re-plan when bandwidth moves beyond x(1 +- h) of what the plan assumed
-    probe_interval_s: float = 1.0  # while device-only, probe the link at most this often
+    probe_interval_s: float = 0.5  # while device-only, probe the link at most this often
     min_samples: int = 2  # offload samples needed before the estimate is trusted
     mu: float = 0.5  # bandit: weight of cost against confidence
     seed: int = 0

@@ -205,6 +205,10 @@ class DeviceRuntime:
             self._client = InferenceClient(o.cloud, o.client)
         for k in self._segments_to_open():
             self.runner.session(k)  # open now: no first-request stall, and no lazy-open race across threads
+        if self.adapter is not None:
+            # Connect now and time an empty round trip: otherwise the first offload pays connection set-up
+            # and the link looks slow to the planner.
+            threading.Thread(target=self._warm_up, name="edgeexit-warm-up", daemon=True).start()
 
     # -- public -------------------------------------------------------------------------------------------
     @property
@@ -323,6 +327,12 @@ class DeviceRuntime:
         # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
         first = 0 if split == "cloud" else int(split) + 1
         self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
+
+    def _warm_up(self) -> None:
+        if self._client.ready(timeout=2.0):
+            t0 = self._clock()
+            if self._client.ready(timeout=2.0):
+                self.link.record_rtt(self._clock() - t0)
 
     def _probe(self, x: np.ndarray) -> None:
         """While device-only there are no offloads to measure the link: send one row's boundary in the

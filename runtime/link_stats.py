@@ -7,6 +7,11 @@ ignores up to ~29% outliers (a GC pause, a retransmit burst) where a mean or lea
 every sample has the same size the two terms cannot be separated: RTT then comes from explicit probes
 (``record_rtt``, e.g. timing ``client.ready()``) and the bandwidth is the median of ``bytes / (time - rtt)``.
 The fitted values are smoothed with an EWMA so a single window shift does not make the planner flap.
+
+A real change of the link (a handover, congestion) must not take a whole window to show, though: when
+``SHIFT_RUN`` samples in a row take more than ``SHIFT_FACTOR`` times longer (or shorter) than the estimate
+predicts, the samples from before the change are dropped and the smoothing restarts from the new ones.
+One outlier never does this; three in a row in the same direction do.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import numpy as np
 
 # Distinct payload sizes must differ by this factor before their slope is trusted (avoids dividing noise).
 _MIN_SIZE_RATIO = 1.05
+SHIFT_RUN = 3
+SHIFT_FACTOR = 1.6
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class LinkStats:
         self._smoothing = smoothing
         self._bw: float | None = None
         self._rtt: float | None = None
+        self._shift = (0, 0)  # (direction +1 slower / -1 faster, consecutive samples)
+        self.shifts = 0  # how many link changes were detected
         self._lock = threading.Lock()
 
     def record(self, nbytes: int, seconds: float) -> None:
@@ -54,8 +63,25 @@ class LinkStats:
         if seconds <= 0 or nbytes < 0:
             return  # clock glitch; a non-positive duration carries no information
         with self._lock:
+            self._track_shift(nbytes, seconds)
             self._samples.append((float(nbytes), float(seconds)))
+            if self._shift[1] >= SHIFT_RUN:
+                recent = list(self._samples)[-SHIFT_RUN:]
+                self._samples.clear()
+                self._samples.extend(recent)
+                self._bw = self._rtt = None
+                self._shift = (0, 0)
+                self.shifts += 1
             self._update()
+
+    def _track_shift(self, nbytes: int, seconds: float) -> None:
+        predicted = LinkEstimate(self._bw, self._rtt, len(self._samples)).transfer_s(nbytes)
+        if not predicted or len(self._samples) < SHIFT_RUN:
+            return
+        ratio = seconds / predicted
+        direction = 1 if ratio > SHIFT_FACTOR else -1 if ratio < 1 / SHIFT_FACTOR else 0
+        run = self._shift[1] + 1 if direction and direction == self._shift[0] else int(direction != 0)
+        self._shift = (direction, run)
 
     def record_rtt(self, seconds: float) -> None:
         """An empty round trip (health probe): pure RTT."""

@@ -77,3 +77,24 @@ def test_bandit_converges_to_the_best_arm():
         bandit.observe(arm, _result(min(conf + rng.normal(0, 0.02), 1), dev, net * rng.uniform(0.8, 1.2)))
     assert bandit.best() == 1
     assert bandit.counts[1] > 0.6 * bandit.counts.sum()  # UCB1 keeps exploring, so not all
+
+
+def test_link_change_shows_within_a_few_samples_even_after_a_long_stable_phase():
+    link = LinkStats()  # the runtime's defaults: 32-sample window, EWMA 0.3
+    nbytes = 3136  # one size only, as when every offload sends the same input
+    link.record_rtt(0.005)
+    for _ in range(40):
+        link.record(nbytes, 0.005 + nbytes * 8 / 50e6)
+    assert abs(link.estimate().bandwidth_bps / 50e6 - 1) < 0.1
+    link.record(nbytes, 0.5)  # one outlier: no reset
+    assert link.shifts == 0
+
+    def samples_until(mbit: float, crossed) -> int:
+        for n in range(1, 7):
+            link.record(nbytes, 0.005 + nbytes * 8 / (mbit * 1e6))
+            if crossed(link.estimate().bandwidth_bps):
+                return n
+        return 99
+
+    assert samples_until(1.0, lambda bw: bw < 2e6) <= 4 and link.shifts == 1
+    assert samples_until(50.0, lambda bw: bw > 25e6) <= 4 and link.shifts == 2

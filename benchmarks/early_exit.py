@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--limit", type=int, help="first N test images only (smoke runs)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy (alternating; fastest kept)")
     args = ap.parse_args()
 
     bundle = Bundle.load(ensure_bundle(ensure_model(args.model, args.epochs)))
@@ -102,7 +103,7 @@ def main() -> None:
         params = {"k": 2} if kind == "patience" else {}
         cal = calibrate(val_logits, manifest, CalibrationOptions(kind, args.epsilon, args.delta, "accuracy", params),
                         labels=y_val)
-        ev = evaluate_policy(runner, cal.policy, x_test, y_test, opts, full=full)
+        ev = evaluate_policy(runner, cal.policy, x_test, y_test, opts, full=full, repeats=args.repeats)
         sweep = sweep_policy(kind, manifest, test_logits, y_test, params)
         within = [s for s in sweep if 100 * (final_acc - s["accuracy"]) <= MAX_DROP_PP + 1e-9]
         oracle = min(within, key=lambda s: s["relative_flops"]) if within else None
@@ -137,7 +138,8 @@ def main() -> None:
                "policy": best_kind, "relative_time": best and round(best["relative_time"], 4)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "early_exit.json", {
-        "model": bundle.name, "n_test": len(y_test), "n_val": len(y_val), "final_accuracy": final_acc,
+        "model": bundle.name, "model_path": str(args.model or DEFAULT_MODEL), "n_test": len(y_test),
+        "n_val": len(y_val), "final_accuracy": final_acc,
         "per_exit_accuracy": per_exit, "epsilon": args.epsilon, "delta": args.delta, "full_seconds": full[1],
         "policies": results, "best": summary})
     (RESULTS / "early_exit.md").write_text(header + "\n" + table + "\n")

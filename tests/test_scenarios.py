@@ -239,9 +239,9 @@ def test_planner_split_follows_the_bandwidth_50_to_1_and_back(tiny_bundle, scena
                                                                record_property):
     """Issue 7: 50 -> 1 Mbit/s moves the split within 20 requests, and it moves back after recovery.
 
-    The fast phase lasts until the planner offloads 5 times in a row (~10 requests). The agent's link estimate
-    is a median over a 32-sample window (then EWMA), so after a long good phase (>= 16 offloads) it takes ~20
-    slow offloads to move: right at the issue's bound. Moving back relies on the 1/s probes (~10-16 s here).
+    The good phase is long (>= 25 requests, the last 5 offloaded) so the link window is full of fast samples:
+    the agent must notice the change itself (LinkStats drops the stale window after 3 off-prediction samples),
+    not merely outvote a few. Moving back relies on background probes while device-only (every 0.5 s).
     """
     bundle, device = _planner_bundle(tiny_bundle, tmp_path)
     # Loopback on purpose: the relay's token bucket has no burst, while kernel htb needs >= 16 KB of burst,
@@ -253,14 +253,14 @@ def test_planner_split_follows_the_bandwidth_50_to_1_and_back(tiny_bundle, scena
         with sc.client(agent, MODEL) as client:
             app = App(client, scenario_reference, pace_s=0.1)
             fast = []  # until the planner offloads steadily (its first sample includes connection setup)
-            while len(fast) < 40 and not (len(fast) >= 5 and all(_offloaded(s) for s in fast[-5:])):
+            while len(fast) < 60 and not (len(fast) >= 25 and all(_offloaded(s) for s in fast[-5:])):
                 fast.append(app.send())
             sc.set_rate(1, 1)
             slow = app.until_decided("device", 20)
             sc.set_rate(50, 50)
             back_at = time.monotonic()
             recovered = []
-            while time.monotonic() < back_at + 40:
+            while time.monotonic() < back_at + 20:
                 recovered.append(app.send())
                 if _offloaded(recovered[-1]):
                     break
@@ -273,7 +273,7 @@ def test_planner_split_follows_the_bandwidth_50_to_1_and_back(tiny_bundle, scena
           f"{len(recovered)} requests, {time.monotonic() - back_at:.1f} s, {probes} probes")
     assert _offloaded(fast[-1]), f"no steady offloading on the 50 Mbit/s link: {splits}"
     assert not _offloaded(slow[-1]), f"split did not move within 20 requests at 1 Mbit/s: {splits}"
-    assert _offloaded(recovered[-1]), f"the split did not move back within 40 s: {splits}"
+    assert _offloaded(recovered[-1]), f"the split did not move back within 20 s: {splits}"
     record_property("requests_to_move", len(slow))
     record_property("requests_to_move_back", len(recovered))
 

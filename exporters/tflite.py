@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeexit.errors import ConfigError, ExportError
+from edgeexit.errors import ConfigError, ExportError, ToleranceError
 
 SIGNATURE = "serving_default"
 CALIBRATION_BATCH = 32
@@ -104,7 +104,8 @@ def export_tflite_segment(module: torch.nn.Module, sample: torch.Tensor, out_dir
     names = names or _generic_names(module, sample)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    float_model, batch = convert_float(module, sample, names)
+    converted = convert_float(module, sample, names)
+    float_model, batch = converted.data, converted.batch
     calib_batch = CALIBRATION_BATCH if batch == "dynamic" else int(batch.split(":")[1])
     results: dict[str, dict] = {}
     for variant in variants:
@@ -114,7 +115,7 @@ def export_tflite_segment(module: torch.nn.Module, sample: torch.Tensor, out_dir
         filename = stem + spec.suffix
         (out_dir / filename).write_bytes(data)
         extra = {"signature": SIGNATURE, "input": names.input, "outputs": list(names.outputs),
-                 "variant": spec.about, **io_quantization(data), **quant}
+                 "variant": spec.about, "resizable": converted.resizable, **io_quantization(data), **quant}
         results[variant] = {"file": filename, "batch": batch, "extra": extra}
     return results
 
@@ -142,38 +143,108 @@ def _quiet() -> Iterator[None]:
             os.environ["LITERT_TORCH_SHOW_PROGRESS"] = before
 
 
-def convert_float(module: torch.nn.Module, sample: torch.Tensor, names: SegmentNames) -> tuple[bytes, str]:
-    """fp32 TFLite bytes and the batch contract: ``dynamic`` when the converter keeps a symbolic batch axis,
-    else a fixed-batch model (``fixed:1``, or ``fixed:<n>`` if the segment only works at its sample's batch)
-    that the runtime feeds chunk by chunk."""
-    import litert_torch
+@dataclass(frozen=True)
+class FloatModel:
+    data: bytes
+    batch: str  # "dynamic" or "fixed:<n>" (the manifest's batch contract)
+    resizable: bool  # a fixed-batch model that still answers correctly after resize_tensor_input
 
+
+def convert_float(module: torch.nn.Module, sample: torch.Tensor, names: SegmentNames) -> FloatModel:
+    """The fp32 TFLite model, checked against torch on a batch of 3 (a size no trace used).
+
+    ``dynamic`` when the converter keeps a symbolic batch axis that gives right answers at other batches;
+    otherwise a fixed-batch model (``fixed:1``, or the sample's batch if the segment has it baked in), marked
+    ``resizable`` when resize_tensor_input still gives right answers (else the runtime loops)."""
     wrapped = named_io(module, names)
-    batch_dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    # torch.export specialises a batch of 1; trace with 2 so the axis stays symbolic.
-    two = sample[:1].expand(2, *sample.shape[1:]).contiguous() if sample.shape[0] < 2 else sample
+    probe = _probe(sample)
+    with torch.no_grad():
+        want = [o.numpy() for o in wrapped(probe).values()]
     dynamic_error: Exception | None = None
     with _quiet():
         try:
-            model = litert_torch.convert(wrapped, (), {names.input: two},
-                                         dynamic_shapes={names.input: {0: batch_dim}})
-            data = model.model_content()
-            if _batch_axis(data) == -1:
-                return bytes(data), "dynamic"
+            data = _convert(wrapped, sample, names, dynamic=True)
+            if _batch_axis(data) == -1 and _agrees(data, probe, want, names):
+                return FloatModel(data, "dynamic", True)
+            dynamic_error = ExportError("the dynamic-batch model disagrees with torch at batch 3")
         except Exception as e:  # the converter raises many types; fall back to a fixed batch, stated below
             dynamic_error = e
-        # Batch 1 first (any batch is then a loop); a module with its batch baked in keeps the sample's batch.
+        # litert-torch lowers some ops (e.g. elementwise or mean right on the input) through a JAX bridge that
+        # rejects a symbolic batch; batch 1 first (any batch then works by resizing or looping).
         for fixed in dict.fromkeys([1, int(sample.shape[0])]):
             try:
-                model = litert_torch.convert(wrapped, (), {names.input: sample[:fixed].contiguous()})
+                data = _convert(wrapped, sample[:fixed].contiguous(), names, dynamic=False)
                 break
             except Exception as e:
                 error = e
         else:
             raise ExportError(f"litert-torch cannot convert this segment ({type(error).__name__}: {error}); "
                               "export without --formats tflite, or simplify the segment's ops") from error
-    logging.getLogger(__name__).info("dynamic batch failed (%s); wrote a batch-%d TFLite model", dynamic_error, fixed)
-    return bytes(model.model_content()), f"fixed:{fixed}"
+    rows = probe[:1] if fixed == 1 else sample[:fixed].float()
+    with torch.no_grad():
+        want_rows = [o.numpy() for o in wrapped(rows).values()]
+    if not _agrees(data, rows, want_rows, names, resize=False):
+        raise ToleranceError(f"the TFLite conversion of segment input {names.input!r} disagrees with torch; "
+                             "export without --formats tflite and report the model")
+    logging.getLogger(__name__).info("dynamic batch unavailable (%s); wrote a batch-%d TFLite model",
+                                     str(dynamic_error).splitlines()[0] if str(dynamic_error) else dynamic_error,
+                                     fixed)
+    return FloatModel(data, f"fixed:{fixed}", fixed == 1 and _agrees(data, probe, want, names))
+
+
+def _convert(wrapped: torch.nn.Module, sample: torch.Tensor, names: SegmentNames, dynamic: bool) -> bytes:
+    import litert_torch
+
+    if not dynamic:
+        return bytes(litert_torch.convert(wrapped, (), {names.input: sample}).model_content())
+    batch_dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # torch.export specialises a batch of 1; trace with 2 so the axis stays symbolic.
+    two = sample[:1].expand(2, *sample.shape[1:]).contiguous() if sample.shape[0] < 2 else sample
+    model = litert_torch.convert(wrapped, (), {names.input: two}, dynamic_shapes={names.input: {0: batch_dim}})
+    return bytes(model.model_content())
+
+
+def _probe(sample: torch.Tensor) -> torch.Tensor:
+    """Three distinct rows shaped like the sample: a batch that no trace used, to catch baked-in batch sizes."""
+    gen = torch.Generator().manual_seed(0)
+    base = sample[:1].float()
+    noise = torch.randn((3, *sample.shape[1:]), generator=gen) * (base.std() + 1e-3)
+    return (base + noise).contiguous()
+
+
+def _agrees(data: bytes, x: torch.Tensor, want: list[np.ndarray], names: SegmentNames,
+            resize: bool = True) -> bool:
+    """Run the model on ``x`` (resizing its input to x's batch) and compare every output with torch's."""
+    interp = _interpreter(data)
+    try:
+        runner = interp.get_signature_runner(SIGNATURE) if resize else _FixedRunner(interp)
+        got = runner(**{names.input: x.numpy()})
+    except (RuntimeError, ValueError):
+        return False
+    for name, ref in zip(names.outputs, want, strict=True):
+        out = got.get(name)
+        if out is None or out.shape != ref.shape:
+            return False
+        if np.abs(out - ref).max() > 1e-4 + 1e-3 * np.abs(ref).max():
+            return False
+    return True
+
+
+class _FixedRunner:
+    """Invoke a single-signature model at its own input shape (no resize), returning outputs by name."""
+
+    def __init__(self, interp):
+        self.interp = interp
+        interp.allocate_tensors()  # before any tensor access: reallocating later would invalidate views
+        runner = interp.get_signature_runner(SIGNATURE)
+        self.inputs = {k: d["index"] for k, d in runner.get_input_details().items()}
+        self.outputs = {k: d["index"] for k, d in runner.get_output_details().items()}
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        for key, x in feeds.items():
+            self.interp.set_tensor(self.inputs[key], x)
+        self.interp.invoke()
+        return {k: self.interp.get_tensor(i) for k, i in self.outputs.items()}
 
 
 def _interpreter(data: bytes):

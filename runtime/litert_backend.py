@@ -91,7 +91,9 @@ class LiteRTSession:
         self._input = _Port.from_details(in_details[sig_in])
         self._outputs = [_Port.from_details(out_details[k]) for k in sig_out]
         signature = [int(d) for d in in_details[sig_in]["shape_signature"]]
-        self._dynamic_batch = signature[0] == -1
+        # A fixed-batch model the exporter verified after resize_tensor_input ("resizable") is resized too;
+        # any other fixed-batch model is fed chunk by chunk.
+        self._dynamic_batch = signature[0] == -1 or bool(extra.get("resizable"))
         self._fixed_batch = max(1, signature[0])
         self._allocated_batch: int | None = None
         self.path = path
@@ -117,6 +119,7 @@ class LiteRTSession:
 
     @property
     def dynamic_batch(self) -> bool:
+        """True when any batch runs in one invoke (resize), False when the session loops over fixed chunks."""
         return self._dynamic_batch
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

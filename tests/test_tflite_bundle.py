@@ -30,7 +30,8 @@ def test_manifest_lists_every_variant_with_checksum_size_and_names(tflite_bundle
         for fmt in VARIANTS:
             entry = seg.files[fmt]
             assert entry.bytes == (tflite_bundle / entry.path).stat().st_size > 0
-            assert len(entry.sha256) == 64 and entry.batch == "dynamic"
+            assert len(entry.sha256) == 64
+            assert entry.batch == "dynamic" or (entry.batch == "fixed:1" and entry.extra["resizable"])
             assert entry.extra["outputs"] == [t.name for t in seg.outputs]
             assert entry.extra["input"] == seg.inputs[0].name
         assert set(seg.files["tflite-int8-static"].extra["io_quantization"]) == {

@@ -236,3 +236,43 @@ def test_wrong_feed_name_is_invalid_tensor(exported):
     sess = LiteRTSession(out / res[0]["tflite"]["file"])
     with pytest.raises(InvalidTensor, match="input"):
         sess.run({"boundary0": np.zeros((1, 1, 28, 28), np.float32)})
+
+
+class MeanHead(torch.nn.Module):
+    """A segment whose first op is a mean right on its input: litert-torch cannot keep that batch symbolic."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, b):
+        return (self.fc(b.mean(dim=(2, 3))),)
+
+
+class FlattenHead(torch.nn.Module):
+    """flatten + Linear: the batch-1 model bakes its batch into a reshape, so resizing it would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16 * 14 * 14, 10)
+
+    def forward(self, b):
+        return (self.fc(b.flatten(1)),)
+
+
+@pytest.mark.parametrize(("head", "resizable"), [(MeanHead, True), (FlattenHead, False)])
+def test_batch_one_fallback_is_verified_and_stated(tmp_path, head, resizable):
+    torch.manual_seed(0)
+    module = head().eval()
+    sample = torch.rand(2, 16, 14, 14)
+    res = export_tflite_segment(module, sample, tmp_path, "h", ["tflite"], names=SegmentNames("boundary0", ("exit1",)))
+    entry = res["tflite"]
+    assert entry["batch"] == "fixed:1" and entry["extra"]["resizable"] is resizable
+    sess = LiteRTSession(tmp_path / entry["file"], extra=entry["extra"])
+    assert sess.dynamic_batch is resizable  # resize when verified, else loop over samples
+    x = torch.rand(5, 16, 14, 14)
+    (got,) = sess.run({"boundary0": x.numpy()})
+    with torch.no_grad():
+        (ref,) = module(x)
+    assert np.abs(got - ref.numpy()).max() < 1e-4
+

@@ -115,9 +115,27 @@ def export_tflite_segment(module: torch.nn.Module, sample: torch.Tensor, out_dir
         filename = stem + spec.suffix
         (out_dir / filename).write_bytes(data)
         extra = {"signature": SIGNATURE, "input": names.input, "outputs": list(names.outputs),
-                 "variant": spec.about, "resizable": converted.resizable, **io_quantization(data), **quant}
+                 "variant": spec.about, **io_quantization(data), **quant}
+        # fp32 was checked against torch; a quantised fixed-batch variant must resize as faithfully as it loops.
+        extra["resizable"] = converted.resizable if variant == "tflite" or batch == "dynamic" else (
+            converted.resizable and resize_matches_loop(out_dir / filename, extra, _probe(sample).numpy()))
         results[variant] = {"file": filename, "batch": batch, "extra": extra}
     return results
+
+
+def resize_matches_loop(path: Path, extra: dict[str, Any], x: np.ndarray) -> bool:
+    """True when one resized invoke on ``x`` gives what invoking sample by sample gives (same model file)."""
+    from edgeexit.runtime.litert_backend import LiteRTSession
+
+    feeds = {extra["input"]: x}
+    try:
+        resized = LiteRTSession(path, extra={**extra, "resizable": True}).run(feeds)
+    except (RuntimeError, ValueError):
+        return False
+    looped = LiteRTSession(path, extra={**extra, "resizable": False}).run(feeds)
+    step = max([q["scale"] for q in extra.get("io_quantization", {}).values()], default=0.0)
+    return all(a.shape == b.shape and np.abs(a - b).max() <= 1e-4 + 1e-3 * np.abs(b).max() + step
+               for a, b in zip(resized, looped, strict=True))
 
 
 def _generic_names(module: torch.nn.Module, sample: torch.Tensor) -> SegmentNames:

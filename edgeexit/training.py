@@ -36,7 +36,7 @@ class TrainOptions:
     distill_alpha: float = 0.5
     distill_temperature: float = 3.0
     exit_weights: tuple[float, ...] | None = None  # None: 1.0 for every exit
-    threads: int = 2
+    threads: int = 2  # 2 suits a quiet 2-core box; on a busy one use 1 (2 OpenMP threads then stall each other)
     progress: bool = True
     val_limit: int | None = None
     out: Path | None = None  # where to save the .pt2 (+ .state_dict.pt next to it)
@@ -72,6 +72,8 @@ def train(model: nn.Module, dataset: str = "fashion-mnist", *, options: TrainOpt
     torch.manual_seed(opts.seed)
     x_train, y_train = (torch.from_numpy(a) for a in datasets.load(dataset, "train", opts.limit))
     x_val, y_val = datasets.load(dataset, "val", opts.val_limit)
+    if len(x_train) < 2:
+        raise ConfigError(f"need at least 2 training samples (batch norm), got {len(x_train)}: raise --limit")
     n_exits = _count_exits(model, x_train[:2])
     weights = _exit_weights(opts, n_exits)
 

@@ -54,6 +54,7 @@ class CloudClient(Protocol):
 @dataclass
 class DeviceOptions:
     backend: str = "onnxruntime"  # or "litert"
+    fmt: str | None = None  # exported variant to run (e.g. "tflite-int8-static"); None = the backend's fp32
     threads: int = 1
     policy: Any = None  # None = the manifest's calibrated policy; a kind name; or an ExitPolicy object
     # Split point N (device runs segments 0..N), "device" (never offload), "cloud" (send the input), or "auto":
@@ -180,7 +181,7 @@ class DeviceRuntime:
             raise ConfigError("deadline_ms must be positive")
         if o.slowdown < 1.0:
             raise ConfigError("slowdown emulates a slower device: it must be >= 1")
-        self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads)
+        self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads, fmt=o.fmt)
         self.manifest = self.runner.manifest
         has_cloud = client is not None or o.cloud is not None
         adaptive = o.split == "auto" and has_cloud and o.adapt != "off"

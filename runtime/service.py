@@ -27,6 +27,7 @@ class ServiceOptions:
     backend: str = "onnxruntime"  # onnxruntime | litert
     threads: int = 1  # intra-op threads per segment session
     batching: BatchOptions = field(default_factory=BatchOptions)
+    fmt: str | None = None  # exported variant, e.g. "tflite-int8-static"; None = the backend's fp32 format
 
 
 def _meta_shape(shape: list[int | str]) -> list[int]:
@@ -91,7 +92,7 @@ def build_handlers(bundle: Bundle | str | Path, options: ServiceOptions | None =
                    metrics: ServerMetrics | None = None) -> list[TailHandler]:
     """One handler for the whole model and one per split point, sharing one runner (sessions open lazily)."""
     options = options or ServiceOptions()
-    runner = SegmentRunner(bundle, backend=options.backend, threads=options.threads)
+    runner = SegmentRunner(bundle, backend=options.backend, threads=options.threads, fmt=options.fmt)
     for k in range(runner.num_segments):
         runner.session(k)  # open every session now: no first-request stall, no racing lazy opens
     return [TailHandler(runner, start, options, metrics) for start in range(runner.num_segments)]

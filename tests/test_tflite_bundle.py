@@ -106,3 +106,26 @@ def test_quantised_accuracy_on_trained_model_within_bound(trained_resnet_pt2, tm
     for fmt, bound in BOUND_PP.items():
         drops = [100 * (a - b) for a, b in zip(acc["tflite"], acc[fmt], strict=True)]
         assert max(drops) <= bound, (fmt, acc)
+
+
+@pytest.mark.parametrize("fmt", ["tflite-fp16", "tflite-int8-dynamic"])
+def test_device_runtime_and_cli_run_a_chosen_variant(tflite_bundle, fmt):
+    import subprocess
+    import sys
+
+    from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
+
+    x = np.random.default_rng(6).random((3, 1, 28, 28), dtype=np.float32)
+    rt = DeviceRuntime(tflite_bundle, DeviceOptions(backend="litert", fmt=fmt, split="device", policy="never"))
+    assert rt.runner.fmt == fmt and str(rt.runner.bundle.segment_path(0, fmt)).endswith(f"{fmt[7:]}.tflite")
+    fp32 = SegmentRunner(tflite_bundle, backend="litert")
+    np.testing.assert_allclose(rt.infer(x).probabilities, softmax(fp32.run_all(fp32.normalize(x))[-1]), atol=0.05)
+    out = subprocess.run([sys.executable, "-m", "edgeexit", "profile", str(tflite_bundle), "--backend", "litert",
+                          "--format", fmt, "--repeats", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| 1 |" in out.stdout
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)

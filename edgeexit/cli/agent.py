@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgeexit.cli.common import add_backend_args
+
 SPLIT_HELP = (
     "where to cut: a split point N (the device runs segments 0..N), 'device' (never offload), 'cloud' (send "
     "the input), or 'auto' (default): chosen per request by --adapt."
@@ -38,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoding", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="boundary tensor wire encoding (int8 uses the bundle's calibrated scale)")
     p.add_argument("--compress", action="store_true", help="zstd-compress boundary tensors")
-    p.add_argument("--backend", choices=["onnxruntime", "litert"], default="onnxruntime")
+    add_backend_args(p)
     p.add_argument("--threads", type=int, default=1, help="backend threads (default 1)")
     p.add_argument("--on-failure", choices=["best-exit", "finish-local"], default="best-exit",
                    help="when the cloud fails: the most confident exit so far, or run the rest locally")
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
         slowdown = load_device_class(args.emulate_device).slowdown
     device = DeviceOptions(
-        backend=args.backend, threads=args.threads, policy=args.policy, split=args.split, cloud=args.cloud,
+        backend=args.backend, fmt=args.fmt, threads=args.threads, policy=args.policy, split=args.split,
+        cloud=args.cloud,
         client=client, encoding=args.encoding, compress=args.compress, deadline_ms=args.deadline_ms,
         on_failure=args.on_failure, retry=RetryOptions(retries=args.retries), adapt=args.adapt,
         network=args.network, slowdown=slowdown,

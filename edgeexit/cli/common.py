@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from edgeexit.errors import ConfigError
+
+
+def add_backend_args(p: Any) -> None:
+    """--backend and --format: one way to pick what runs, for every command that runs a bundle."""
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"],
+                   help="inference backend (default onnxruntime)")
+    p.add_argument("--format", dest="fmt", metavar="FORMAT",
+                   help="which exported variant to run: onnx | tflite | tflite-fp16 | tflite-int8-dynamic | "
+                        "tflite-int8-static (default: the backend's fp32 format)")
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:

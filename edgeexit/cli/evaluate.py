@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgeexit.cli.common import add_backend_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy vs compute of exits and exit policies", description=__doc__)
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-policy", action="store_true", help="only every exit's own accuracy and compute")
     p.add_argument("--sweep", action="store_true", help="sweep every policy's thresholds (needs --out)")
     p.add_argument("--out", help="directory for sweep.png, sweep.json, sweep.md and evaluate.json")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"])
+    add_backend_args(p)
     p.add_argument("--limit", type=int, help="use only the first N samples of the split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     opts = EvalOptions(args.data, args.split, args.limit, args.batch_size, args.backend,
                        progress=not args.no_progress)
     x, y = datasets.load(args.data, args.split, args.limit)
-    runner = SegmentRunner(bundle, args.backend)
+    runner = SegmentRunner(bundle, args.backend, fmt=args.fmt)
     warm_up(runner, x)
     logits, full_s = time_full_model(runner, x, args.batch_size, opts.progress)
     print(f"{bundle.name} on {args.data}/{args.split}: {len(y)} samples, backend {args.backend}")

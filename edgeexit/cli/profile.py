@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from edgeexit.cli.common import add_backend_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure per-segment latency and wire codec cost on this machine",
                        description=__doc__)
     p.add_argument("bundle", help="path to NAME.edgeexit")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"])
+    add_backend_args(p)
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1: one phone-class core)")
     p.add_argument("--role", default="device", choices=["device", "cloud"],
                    help="which side this machine plays; --store saves the profile under this role")
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.profiling import measure_profile, profile_table
     from edgeexit.runtime.runner import SegmentRunner
 
-    runner = SegmentRunner(args.bundle, backend=args.backend, threads=args.threads)
+    runner = SegmentRunner(args.bundle, backend=args.backend, threads=args.threads, fmt=args.fmt)
     prof = measure_profile(runner, parse_int_list(args.batch, "--batch"), repeats=args.repeats, progress=True)
     print(profile_table(prof))
     if args.out:

@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from edgeexit.cli.common import add_backend_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest request/response in MiB; larger ones get RESOURCE_EXHAUSTED (64)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert"],
-                   help="inference backend (onnxruntime)")
+    add_backend_args(p)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per segment session (1)")
     p.add_argument("--drain-seconds", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish (10)")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")
     batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms)
     metrics = ServerMetrics()
-    handlers = build_handlers(args.bundle, ServiceOptions(args.backend, args.threads, batching), metrics)
+    handlers = build_handlers(args.bundle, ServiceOptions(args.backend, args.threads, batching, args.fmt), metrics)
     options = ServerOptions(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=read_token_file(args.token_file) if args.token_file else None,

@@ -7,23 +7,27 @@ deployment distribution), the chosen thresholds have risk at most ``epsilon``, w
   gets wrong. Its mean bounds the accuracy loss against the final exit from above (a row the early exit
   fixes only helps), so the accuracy drop is <= epsilon with the same probability.
 
-Scheme (fixed before seeing data, which is what makes it valid):
-1. One shared parameter ``lambda`` runs over a fixed grid ordered from conservative to aggressive (for
-   confidence/margin/patience/ensemble: ``1 - 1e-6`` down to 0; for entropy: ``1e-6`` up to 1).
-2. Every early exit uses threshold ``tau_j = lambda`` (the "shared" scheme; CALM also shares one threshold
-   across layers).
-3. For each grid point in order, test H0: risk(lambda) > epsilon with the exact binomial p-value
-   ``P(Binomial(n, epsilon) <= k)`` (k = observed losses among n calibration rows; computed in log space, no
-   scipy), and reject when p <= delta. Fixed-sequence testing stops at the first grid point that is not
-   rejected; the chosen lambda is the last rejected one. This controls the family-wise error at delta without
-   any multiplicity correction, whatever the shape of the risk curve.
-4. If not even the first grid point is rejected, calibration says so and stores the explicit "never exit
-   early" policy.
+Two schemes; both test an ORDERED sequence of threshold settings from conservative to aggressive:
+- ``pareto`` (default; per-exit thresholds, Pareto Testing, Laufer-Goldshtein et al. 2023): the calibration
+  rows are split once, with a fixed seed, into a *learn* part (``learn_fraction``) and a *test* part. Every
+  combination of per-exit thresholds from a fixed per-exit grid is scored on the learn part (risk, and cost =
+  expected executed FLOPs); its Pareto front, ordered by learn risk, is the sequence. The test part never
+  influenced the sequence, so testing it there is valid. Exits that are already accurate get aggressive
+  thresholds without paying for the weak ones. Used up to 3 early exits (the grid grows as G^exits).
+- ``shared``: one parameter ``lambda`` over a fixed grid (confidence/margin/patience/ensemble: ``1 - 1e-6``
+  down to 0; entropy: ``1e-6`` up to 1), every early exit using ``tau_j = lambda`` (CALM shares one threshold
+  across layers); all rows are test rows. Used beyond 3 early exits or on request.
+Then, for each setting in order, test H0: risk > epsilon with the exact binomial p-value
+``P(Binomial(n, epsilon) <= k)`` (k losses among the n test rows; in log space, no scipy) and reject when
+p <= delta. Fixed-sequence testing stops at the first setting not rejected; the chosen one is the last
+rejected. This controls the family-wise error at delta without any multiplicity correction. If not even the
+first setting is rejected, calibration says so and stores the explicit "never exit early" policy.
 Torch-free (numpy only).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
     from edgeexit.bundle import Manifest
 
 MODES = ("consistency", "accuracy")
+SCHEMES = ("pareto", "shared")
+MAX_PARETO_EXITS = 3
 FORBIDDEN_SPLITS = {
     "train": "the model was trained on it, so its exits are over-confident there and the bound would not hold",
     "test": "it is reserved for evaluation; calibrating on it would make the evaluation optimistic",
@@ -111,6 +117,30 @@ def lambda_grid(kind: str) -> np.ndarray:
     return up if kind in LOWER_IS_BETTER else 1.0 - up
 
 
+def pareto_path(trace: ExitTrace, y: np.ndarray | None, mode: str, costs: np.ndarray,
+                learn: np.ndarray) -> np.ndarray:
+    """Per-exit threshold settings [S, early exits] on the learn rows' Pareto front, lowest risk first."""
+    num_early = trace.scores.shape[0]
+    grid = lambda_grid(trace.policy.kind)
+    if num_early == 3:
+        grid = grid[::4]  # 16^3 combinations instead of 62^3
+    settings = np.array(list(itertools.product(grid, repeat=num_early)), np.float64)
+    sub = trace.subset(learn)
+    final = sub.labels[-1]
+    y_learn = None if y is None else y[learn]
+    risk, cost = np.empty(len(settings)), np.empty(len(settings))
+    for i, th in enumerate(settings):
+        lab, ex = sub.apply(th)
+        risk[i] = row_losses(lab, final, y_learn, mode).mean()
+        cost[i] = costs[ex].mean()
+    front, best = [], np.inf
+    for i in np.lexsort((cost, risk)):  # by risk, then cost: keep each setting cheaper than every safer one
+        if cost[i] < best - 1e-12:
+            front.append(i)
+            best = cost[i]
+    return settings[front]
+
+
 def thresholds_for(lam: float, num_early: int) -> list[float]:
     """The "shared" scheme: every early exit gets the same threshold."""
     return [float(lam)] * num_early
@@ -132,6 +162,9 @@ class CalibrationOptions:
     delta: float = 0.05
     mode: str = "consistency"
     params: dict[str, Any] = field(default_factory=dict)  # policy parameters (patience k, ensemble weights)
+    scheme: str = "pareto"  # or "shared"; see the module docstring
+    learn_fraction: float = 0.3  # pareto: share of the calibration rows that only shape the sequence
+    seed: int = 0  # pareto: the learn/test partition
 
     def check(self) -> None:
         if self.kind not in KINDS or self.kind == "never":
@@ -143,6 +176,10 @@ class CalibrationOptions:
             raise ConfigError(f"--epsilon must be in (0, 1) (a risk level such as 0.01), got {self.epsilon}")
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"--delta must be in (0, 1) (a failure probability such as 0.05), got {self.delta}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown calibration scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if not 0.05 <= self.learn_fraction <= 0.7:
+            raise ConfigError(f"learn_fraction must be in [0.05, 0.7], got {self.learn_fraction}")
 
 
 def check_split(split: str) -> None:
@@ -153,25 +190,28 @@ def check_split(split: str) -> None:
 
 @dataclass
 class GridLosses:
-    """Every grid point applied to every row once: reused by calibration and by the repeated-split test."""
+    """Every setting applied to every row once: reused by calibration and by the repeated-split test."""
 
-    grid: np.ndarray  # float[G]
+    settings: np.ndarray  # float[G, early exits]: the thresholds of each setting, conservative first
     losses: np.ndarray  # bool[G, N]
     exit_index: np.ndarray  # int[G, N]
     labels: np.ndarray  # int[G, N]
 
 
-def grid_losses(trace: ExitTrace, y: np.ndarray | None, mode: str, grid: np.ndarray | None = None) -> GridLosses:
-    grid = lambda_grid(trace.policy.kind) if grid is None else np.asarray(grid, np.float64)
-    num_early = trace.scores.shape[0]
+def grid_losses(trace: ExitTrace, y: np.ndarray | None, mode: str, settings: np.ndarray | None = None
+                ) -> GridLosses:
+    """Apply every setting (default: the shared lambda grid) to every row."""
+    if settings is None:
+        num_early = trace.scores.shape[0]
+        settings = np.array([thresholds_for(lam, num_early) for lam in lambda_grid(trace.policy.kind)])
     final = trace.labels[-1]
     labels, exits, losses = [], [], []
-    for lam in grid:
-        lab, ex = trace.apply(thresholds_for(lam, num_early))
+    for th in settings:
+        lab, ex = trace.apply(th)
         labels.append(lab)
         exits.append(ex)
         losses.append(row_losses(lab, final, y, mode))
-    return GridLosses(grid, np.asarray(losses), np.asarray(exits), np.asarray(labels))
+    return GridLosses(np.asarray(settings, np.float64), np.asarray(losses), np.asarray(exits), np.asarray(labels))
 
 
 # ---------------------------------------------------------------- the calibration
@@ -187,6 +227,7 @@ class CalibrationResult:
     exit_stats: list[dict[str, Any]]
     message: str
     final_accuracy: float | None = None
+    scheme: str = "shared"
 
     @property
     def calibrated(self) -> bool:
@@ -195,7 +236,7 @@ class CalibrationResult:
     def to_manifest(self, split: str, dataset: str) -> dict[str, Any]:
         d = self.policy.to_dict()
         d.update(
-            epsilon=self.options.epsilon, delta=self.options.delta, mode=self.options.mode, scheme="shared",
+            epsilon=self.options.epsilon, delta=self.options.delta, mode=self.options.mode, scheme=self.scheme,
             requested_kind=self.options.kind,
             calibration={"split": split, "n": self.n, "dataset": dataset},
             note=self.message, final_accuracy=self.final_accuracy, exit_stats=self.exit_stats,
@@ -226,12 +267,13 @@ def _exit_stats(manifest: Manifest, exit_index: np.ndarray, labels: np.ndarray, 
 
 
 def _candidate_row(manifest: Manifest, gl: GridLosses, g: int, final: np.ndarray, y: np.ndarray | None,
-                   delta: float) -> dict[str, Any]:
-    """One grid point's statistics; the planner reads exit_rates, accuracy_delta, thresholds, valid, name."""
+                   delta: float, test: np.ndarray) -> dict[str, Any]:
+    """One setting's statistics on all calibration rows (risk: on the test rows, as tested).
+    The planner reads exit_rates, accuracy_delta, thresholds, valid, name."""
     from edgeexit.early_exit import executed_flops
 
     num_exits = len(manifest.exits)
-    lam = float(gl.grid[g])
+    thresholds = [float(t) for t in gl.settings[g]]
     ex, lab = gl.exit_index[g], gl.labels[g]
     n = len(ex)
     rates = np.bincount(ex, minlength=num_exits) / n
@@ -247,11 +289,10 @@ def _candidate_row(manifest: Manifest, gl: GridLosses, g: int, final: np.ndarray
         acc_delta.append(float((lab[m] == y[m]).mean() - (final[m] == y[m]).mean()))
     cum = np.array([e.cumulative_flops for e in manifest.exits], np.float64)
     exe = np.array(executed_flops(manifest), np.float64)
-    k = int(gl.losses[g].sum())
+    k = int(gl.losses[g, test].sum())
     return {
-        "name": f"lambda={lam:.6g}",
-        "lambda": lam,
-        "thresholds": thresholds_for(lam, num_exits - 1),
+        "name": "tau=" + "/".join(f"{t:.4g}" for t in thresholds),
+        "thresholds": thresholds,
         "exit_rates": [float(r) for r in rates],
         "accuracy_per_exit": acc_exit,
         "accuracy_delta": acc_delta[:-1],
@@ -259,8 +300,8 @@ def _candidate_row(manifest: Manifest, gl: GridLosses, g: int, final: np.ndarray
         "relative_flops": float(rates @ exe / exe[-1]) if exe[-1] > 0 else None,
         "disagreement": float((lab != final).mean()),
         "accuracy": float((lab == y).mean()) if y is not None else None,
-        "risk": k / n,
-        "risk_ucb": clopper_pearson_upper(k, n, delta),
+        "risk": k / len(test),
+        "risk_ucb": clopper_pearson_upper(k, len(test), delta),
     }
 
 
@@ -273,14 +314,26 @@ def calibrate(logits: list[np.ndarray], manifest: Manifest, options: Calibration
         raise ConfigError(f"got logits of {len(logits)} exits, the bundle has {len(manifest.exits)}")
     if len(manifest.exits) < 2:
         raise ConfigError("the bundle has a single exit: there is nothing to calibrate")
-    policy = make_policy(options.kind, [0.0] * (len(manifest.exits) - 1), **options.params)
+    num_early = len(manifest.exits) - 1
+    policy = make_policy(options.kind, [0.0] * num_early, **options.params)
     trace = ExitTrace.build(policy, logits)
-    gl = grid_losses(trace, labels, options.mode)
-    chosen, pvalues = fixed_sequence_test(gl.losses.sum(axis=1), n, options.epsilon, options.delta)
+    scheme = options.scheme if num_early <= MAX_PARETO_EXITS else "shared"
+    test = np.arange(n)
+    settings = None
+    if scheme == "pareto":
+        from edgeexit.early_exit import executed_flops
+
+        order = np.random.default_rng(options.seed).permutation(n)
+        n_learn = int(round(n * options.learn_fraction))
+        learn, test = np.sort(order[:n_learn]), np.sort(order[n_learn:])
+        costs = np.asarray(executed_flops(manifest), np.float64)
+        settings = pareto_path(trace, labels, options.mode, costs / max(costs[-1], 1.0), learn)
+    gl = grid_losses(trace, labels, options.mode, settings)
+    chosen, pvalues = fixed_sequence_test(gl.losses[:, test].sum(axis=1), len(test), options.epsilon, options.delta)
     final = trace.labels[-1]
     candidates = []
-    for g in range(len(gl.grid)):
-        row = _candidate_row(manifest, gl, g, final, labels, options.delta)
+    for g in range(len(gl.settings)):
+        row = _candidate_row(manifest, gl, g, final, labels, options.delta, test)
         row["p_value"] = pvalues[g] if g < len(pvalues) else None  # untested: after the sequence stopped
         row["valid"] = g <= chosen
         candidates.append(row)
@@ -288,17 +341,18 @@ def calibrate(logits: list[np.ndarray], manifest: Manifest, options: Calibration
     if chosen < 0:
         min_n = math.ceil(math.log(options.delta) / math.log1p(-options.epsilon))
         msg = (f"no threshold satisfies risk <= {options.epsilon} with probability >= {1 - options.delta} "
-               f"({options.mode} mode, n={n}; even the most conservative setting has "
-               f"{int(gl.losses[0].sum())} losses, and a zero-loss setting needs n >= {min_n}): "
+               f"({options.mode} mode, {len(test)} test rows of n={n}; even the most conservative setting has "
+               f"{int(gl.losses[0, test].sum())} losses, and a zero-loss setting needs >= {min_n} test rows): "
                "falling back to NEVER exiting early")
         never = never_exit(len(manifest.exits))
         stats = _exit_stats(manifest, np.full(n, len(manifest.exits) - 1), final, final, labels)
-        return CalibrationResult(never, options, n, -1, candidates, stats, msg, final_acc)
-    lam = float(gl.grid[chosen])
-    policy = make_policy(options.kind, thresholds_for(lam, len(manifest.exits) - 1), **options.params)
+        return CalibrationResult(never, options, n, -1, candidates, stats, msg, final_acc, scheme)
+    thresholds = [float(t) for t in gl.settings[chosen]]
+    policy = make_policy(options.kind, thresholds, **options.params)
     stats = _exit_stats(manifest, gl.exit_index[chosen], gl.labels[chosen], final, labels)
     c = candidates[chosen]
-    msg = (f"{options.kind}: shared threshold {lam:.6g} passes fixed-sequence testing "
-           f"({chosen + 1} of {len(gl.grid)} settings); calibration risk {c['risk']:.4f}, "
-           f"upper bound {c['risk_ucb']:.4f} <= epsilon {options.epsilon} with probability >= {1 - options.delta}")
-    return CalibrationResult(policy, options, n, chosen, candidates, stats, msg, final_acc)
+    msg = (f"{options.kind}, {scheme} scheme: setting {c['name']} passes "
+           f"fixed-sequence testing ({chosen + 1} of {len(gl.settings)} settings, {len(test)} test rows); test risk "
+           f"{c['risk']:.4f}, upper bound {c['risk_ucb']:.4f} "
+           f"<= epsilon {options.epsilon} with probability >= {1 - options.delta}")
+    return CalibrationResult(policy, options, n, chosen, candidates, stats, msg, final_acc, scheme)

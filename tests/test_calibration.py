@@ -107,7 +107,7 @@ def test_falls_back_to_never_exit_explicitly():
     m = exit_manifest(3)
     res = calibrate(logits, m, CalibrationOptions(epsilon=0.01, delta=0.05))  # n=100 < 299 needed
     assert not res.calibrated and res.policy.kind == "never"
-    assert "falling back to NEVER exiting early" in res.message and "n >= 299" in res.message
+    assert "falling back to NEVER exiting early" in res.message and ">= 299 test rows" in res.message
     d = res.to_manifest("val", "x")
     assert d["kind"] == "never" and d["requested_kind"] == "confidence"
     assert not any(c["valid"] for c in d["candidates"])
@@ -159,6 +159,30 @@ def test_guarantee_holds_on_real_data(real_exit_logits):
         v, r, rate = _violation_rate(logits, y, kind, eps, delta, n_cal=len(y) // 3, repeats=repeats, seed=1)
         assert v <= _allowed_violations(r, delta), (kind, v, r)
         assert rate > 0.05, f"{kind}: calibration never lets rows exit, so the guarantee is vacuous here"
+
+
+@pytest.mark.slow
+def test_per_exit_pareto_guarantee_holds_on_real_data(real_exit_logits):
+    """The default per-exit (Pareto Testing) scheme, end to end through calibrate(): each repeat learns its
+    own threshold path on 30% of its calibration rows and tests on the rest; judged like the shared scheme."""
+    logits, y = real_exit_logits
+    eps, delta, repeats = 0.02, 0.1, 150
+    manifest = exit_manifest(len(logits))
+    pol = make_policy("confidence", [0.0] * (len(logits) - 1))
+    trace = ExitTrace.build(pol, logits)
+    rng = np.random.default_rng(2)
+    violations, exit_rates = 0, []
+    for r in range(repeats):
+        perm = rng.permutation(len(y))
+        cal, test = perm[: len(y) // 3], perm[len(y) // 3:]
+        res = calibrate([lg[cal] for lg in logits], manifest, CalibrationOptions(epsilon=eps, delta=delta, seed=r))
+        if not res.calibrated:
+            continue
+        labels, ex = trace.subset(test).apply(res.policy.thresholds)
+        violations += (labels != trace.labels[-1, test]).mean() > eps
+        exit_rates.append((ex < len(logits) - 1).mean())
+    assert violations <= _allowed_violations(repeats, delta), (violations, repeats)
+    assert np.mean(exit_rates) > 0.05
 
 
 def test_planner_reads_the_calibrated_candidates(synthetic_exit_logits):

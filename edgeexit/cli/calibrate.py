@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epsilon", type=float, default=0.01, help="risk level (default 0.01)")
     p.add_argument("--delta", type=float, default=0.05, help="allowed failure probability (default 0.05)")
     p.add_argument("--mode", default="consistency", choices=["consistency", "accuracy"])
+    p.add_argument("--scheme", default="pareto", choices=["pareto", "shared"],
+                   help="pareto (default): per-exit thresholds from the Pareto front of a learn part of the split, "
+                        "tested on the rest; shared: one threshold for every exit, tested on the whole split")
     p.add_argument("--k", type=int, default=2, help="patience: how many consecutive exits must agree")
     p.add_argument("--limit", type=int, help="use only the first N samples of the split")
     p.add_argument("--batch-size", type=int, default=256)
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_split(args.split)  # before any work: a wrong split is a mistake, not a warning
     params = {"k": args.k} if args.policy == "patience" else {}
-    options = CalibrationOptions(args.policy, args.epsilon, args.delta, args.mode, params)
+    options = CalibrationOptions(args.policy, args.epsilon, args.delta, args.mode, params, args.scheme)
     options.check()
     bundle = Bundle.load(args.bundle)
     x, y = datasets.load(args.data, args.split, args.limit)

@@ -5,6 +5,7 @@ MODEL   := $(ART)/resnet_exits.pt2
 BUNDLE  := $(ART)/resnet_exits.edgeexit
 EPOCHS  ?= 4
 SETUP   := .venv/.setup-done
+READY   := $(ART)/.bundle-ready  # exported, calibrated and profiled
 
 .PHONY: setup demo test test-fast bench lint clean
 
@@ -22,11 +23,25 @@ $(MODEL): | $(SETUP)
 	@mkdir -p $(ART)
 	$(PY) -m edgeexit train --arch resnet-exits --dataset fashion-mnist --epochs $(EPOCHS) --seed 0 --out $(MODEL)
 
-demo: $(SETUP) $(MODEL)
-	$(PY) -m edgeexit export $(MODEL) --out $(BUNDLE) --calibration-data fashion-mnist
+# Export, calibrate (per-exit thresholds with a risk guarantee) and profile once per trained model.
+$(READY): $(MODEL)
+	$(PY) -m edgeexit export $(MODEL) --out $(BUNDLE) --force --formats onnx,tflite --quantize int8-dynamic \
+	  --calibration-data fashion-mnist
+	$(PY) -m edgeexit calibrate $(BUNDLE) --data fashion-mnist --split val --policy entropy --mode accuracy \
+	  --epsilon 0.005 --delta 0.05
+	$(PY) -m edgeexit profile $(BUNDLE) --role device --store
+	$(PY) -m edgeexit profile $(BUNDLE) --role cloud --threads 2 --store
+	touch $(READY)
+
+demo: $(SETUP) $(READY)
 	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test --no-policy
-	$(PY) -m edgeexit calibrate $(BUNDLE) --data fashion-mnist --split val --policy confidence --epsilon 0.01 --delta 0.05
 	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test
+	$(PY) -m edgeexit plan $(BUNDLE) --device raspberry-pi-4 --network 4g --png $(ART)/plan.png
+	@echo "== the planner's choice over an emulated 4G link (this small model answers fastest on the device)"
+	$(PY) -m edgeexit demo $(BUNDLE) --data fashion-mnist --split test --network 4g --emulate-device raspberry-pi-4
+	@echo "== the offload path forced: split after segment 1, int8 boundary tensors over the same link"
+	$(PY) -m edgeexit demo $(BUNDLE) --data fashion-mnist --split test --network 4g --emulate-device raspberry-pi-4 \
+	  --agent-split 1
 
 test: $(SETUP)
 	$(PY) -m pytest -q -ra

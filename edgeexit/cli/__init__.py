@@ -14,7 +14,7 @@ import sys
 from edgeexit.errors import EdgeExitError
 
 # Subcommand name -> module in edgeexit.cli. A command whose module is not there yet is simply not listed.
-COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "netsim", "bench"]
+COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "netsim", "bench", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 One :class:`Testbed` holds one `edgeexit serve` process and one userspace :class:`Relay` in front of it; only
 the relay's conditions and the agents change between measurements. An agent (a real `edgeexit agent`
 process) is started per strategy; agents whose behaviour does not depend on the link (static splits) are
-started once and reused across conditions, adaptive ones (``--split auto``) are restarted per condition with a
-matching ``--network`` prior, so one condition's link estimate never leaks into the next.
+started once and reused across conditions (unless ``restart_per_condition``), adaptive ones (``--split auto``)
+are restarted per condition with a matching ``--network`` prior, so one condition's link estimate never leaks
+into the next.
 
 :func:`run_condition` interleaves the strategies sample by sample (sample i goes to every strategy before
 sample i+1), so a noisy neighbour on a shared machine slows every strategy alike. Warm-up requests per agent
@@ -121,6 +122,13 @@ class TestbedOptions:
     device_class: str | None = "raspberry-pi-4"  # EMULATION; None = this host's speed
     service_threads: int = 2
     warmup: int = 3  # requests per agent and condition, excluded from the rows
+    # A just-started agent (every adaptive one, per condition) gets at least this many warm-up requests, so
+    # its first-request costs (cold caches, arenas, JIT-ed kernels), which the emulated slowdown multiplies,
+    # are not charged to it while long-running static agents are already warm.
+    warmup_fresh: int = 10
+    # Restart static agents per condition too, so every strategy runs in an equally fresh process (a long-lived
+    # agent was measured faster than a just-started one doing the identical work).
+    restart_per_condition: bool = False
     deadline_ms: float = 1000.0
     log_dir: Path | None = None  # process logs (default: a temporary directory)
 
@@ -130,6 +138,7 @@ class _Running:
     proc: Proc
     client: AgentClient
     condition: str | None  # the condition an adaptive agent was started for
+    requests: int = 0  # answered so far, warm-ups included
 
 
 class Testbed:
@@ -183,7 +192,8 @@ class Testbed:
     def agent(self, strategy: Strategy, condition: Condition) -> AgentClient:
         """A client of a running agent for ``strategy`` (adaptive ones restarted when the condition changed)."""
         running = self._agents.get(strategy.name)
-        if running is not None and strategy.adaptive and running.condition != condition.name:
+        restart = strategy.adaptive or self.options.restart_per_condition
+        if running is not None and restart and running.condition != condition.name:
             self._stop_agent(strategy.name)
             running = None
         if running is None:
@@ -195,6 +205,16 @@ class Testbed:
             running = _Running(proc, AgentClient(proc.target, self.model), condition.name)
             self._agents[strategy.name] = running
         return running.client
+
+    def warm_up(self, strategy: Strategy, condition: Condition, x: np.ndarray, y: np.ndarray) -> int:
+        """Warm-up requests (not recorded): ``warmup`` per condition, and at least ``warmup_fresh`` per agent
+        life. Returns how many were sent."""
+        self.agent(strategy, condition)
+        running = self._agents[strategy.name]
+        n = max(self.options.warmup, self.options.warmup_fresh - running.requests)
+        for i in range(n):
+            self.measure(strategy, condition, -1, x[i % len(x)], int(y[i % len(y)]))
+        return n
 
     def _no_exit_view(self) -> Path:
         """The bundle with its calibrated policy removed (segments linked, not copied).
@@ -225,6 +245,7 @@ class Testbed:
         client = self.agent(strategy, condition)
         before = self.cloud_seconds()
         ans = client.infer(x[None])
+        self._agents[strategy.name].requests += 1
         cloud_ms = (self.cloud_seconds() - before) * 1e3
         p = ans.params
         offloaded = int(p.get("edgeexit.bytes_sent", 0)) > 0
@@ -243,8 +264,7 @@ def run_condition(bed: Testbed, strategies: Sequence[Strategy], condition: Condi
     """Every strategy on every sample under ``condition``, interleaved sample by sample; warm-ups excluded."""
     bed.set_condition(condition)
     for s in strategies:
-        for i in range(bed.options.warmup):
-            bed.measure(s, condition, -1, x[i % len(x)], int(y[i % len(y)]))
+        bed.warm_up(s, condition, x, y)
     rows = []
     for i in range(len(x)):
         for s in strategies:

@@ -27,7 +27,8 @@ def test_static_strategies_through_real_processes_give_sane_rows(tiny_bundle, tm
     y = runner.run_all(runner.normalize(x))[-1].argmax(1)  # the local full model's answer is "the truth"
     cond = Condition("test-link", up_mbit=20, down_mbit=20, rtt_ms=40)
     strategies = [Strategy("cloud-only", "cloud", "never"), Strategy("device-only", "device", "never")]
-    with ex.Testbed(ex.TestbedOptions(tiny_bundle, device_class=None, warmup=1, log_dir=tmp_path)) as bed:
+    with ex.Testbed(ex.TestbedOptions(tiny_bundle, device_class=None, warmup=1, warmup_fresh=1,
+                                      log_dir=tmp_path)) as bed:
         rows = run_condition(bed, strategies, cond, x, y)
     assert [r.strategy for r in rows] == ["cloud-only", "device-only"] * 3  # interleaved sample by sample
     by = summarize_all(rows)["test-link"]

@@ -52,6 +52,10 @@ test-fast: $(SETUP)
 bench: $(SETUP) $(MODEL)
 	$(PY) benchmarks/split_overhead.py --model $(MODEL)
 	$(PY) benchmarks/early_exit.py --model $(MODEL)
+	$(PY) benchmarks/tflite.py --model $(MODEL)
+	$(PY) benchmarks/wire.py --model $(MODEL)
+	$(PY) -m edgeexit bench --model $(MODEL)
+	$(PY) benchmarks/planner.py --model $(MODEL)
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

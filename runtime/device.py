@@ -198,6 +198,9 @@ class DeviceRuntime:
         self._quant = {s: self._wire_quant(s) for s in self._possible_splits()}
         self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
         self._clock = clock
+        # With one backend thread the segment runs on the calling thread, so its CPU time is measurable;
+        # with more, fall back to wall time.
+        self._cpu_clock = time.thread_time if o.threads == 1 else clock
         self._on_event = on_event  # (event name, fields): the agent turns these into logs and metrics
         self._client = client
         if client is None and has_cloud:
@@ -261,10 +264,13 @@ class DeviceRuntime:
         """Run segments first..last on the pending rows, letting the policy answer rows at each exit."""
         final_exit = len(self.manifest.exits) - 1
         for k in range(first, last + 1):
-            t0 = self._clock()
+            t0, cpu0 = self._clock(), self._cpu_clock()
             out = self.runner.run_segment(k, cur)
-            if self.options.slowdown > 1.0:  # emulated slower device: stretch this segment's compute
-                time.sleep((self._clock() - t0) * (self.options.slowdown - 1.0))
+            if self.options.slowdown > 1.0:
+                # Emulated slower device: this segment should take slowdown x its CPU time. Stretching by CPU
+                # rather than wall time keeps a busy host's scheduling delays from being multiplied too.
+                target = (self._cpu_clock() - cpu0) * self.options.slowdown
+                time.sleep(max(0.0, target - (self._clock() - t0)))
             lat.device_ms += (self._clock() - t0) * 1000.0
             cur = out.boundary
             for j in self.manifest.segments[k].exits:
@@ -308,7 +314,8 @@ class DeviceRuntime:
             return 0, reason
         elapsed = self._clock() - t1
         lat.network_ms = elapsed * 1000.0
-        self.link.record(len(wire.data), elapsed)
+        # The link saw the call minus the cloud's compute (as the planner's cloud profile expects it).
+        self.link.record(len(wire.data), max(elapsed - self._expected_cloud_s(split, len(pend.rows)), elapsed / 10))
         probs = softmax(logits)
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
         return len(wire.data), None
@@ -328,6 +335,13 @@ class DeviceRuntime:
         # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
         first = 0 if split == "cloud" else int(split) + 1
         self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
+
+    def _expected_cloud_s(self, split: int | str, rows: int) -> float:
+        planner = getattr(self.adapter, "planner", None)
+        if planner is None:
+            return 0.0
+        first = 0 if split == "cloud" else int(split) + 1
+        return rows * sum(planner.cloud_ms[first:]) / 1000.0
 
     def _warm_up(self) -> None:
         if self._client.ready(timeout=2.0):

@@ -224,3 +224,12 @@ def test_regrouping_on_the_exported_bundle(tiny_bundle):
         np.testing.assert_array_equal(batched.exit_index, exit_index)
         np.testing.assert_array_equal(batched.labels, labels)
         assert len(np.unique(batched.exit_index)) >= 2 or kind == "patience", kind  # random exits rarely agree
+
+
+def test_never_is_always_available_even_on_a_calibrated_bundle():
+    m = exit_manifest(3)
+    m.policy = make_policy("confidence", [0.9, 0.8]).to_dict()
+    assert policy_from_manifest(m).kind == "confidence"
+    assert policy_from_manifest(m, "never").kind == "never"
+    with pytest.raises(ConfigError, match="calibrated for 'confidence'"):
+        policy_from_manifest(m, "entropy")

@@ -1,11 +1,27 @@
 """Network emulation for tests and benchmarks: a userspace TCP `Relay` (delay, jitter, bandwidth, outages,
-traces; no root needed) and `NetnsLink` (two network namespaces joined by a kernel-shaped veth pair; root)."""
+traces; no root needed) and `NetnsLink` (two network namespaces joined by a kernel-shaped veth pair; root).
 
-from edgeexit.netsim.conditions import Effective, LinkConditions, Outage
-from edgeexit.netsim.namespaces import NetnsLink, available
-from edgeexit.netsim.relay import Relay, RelayStats
-from edgeexit.netsim.trace import Trace, TraceRow
+Names load on first use, so `edgeexit --help` and the agent's start-up do not pay for asyncio.
+"""
 
-__all__ = [
-    "Effective", "LinkConditions", "NetnsLink", "Outage", "Relay", "RelayStats", "Trace", "TraceRow", "available",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Effective": "edgeexit.netsim.conditions",
+    "LinkConditions": "edgeexit.netsim.conditions",
+    "Outage": "edgeexit.netsim.conditions",
+    "Relay": "edgeexit.netsim.relay",
+    "RelayStats": "edgeexit.netsim.relay",
+    "Trace": "edgeexit.netsim.trace",
+    "TraceRow": "edgeexit.netsim.trace",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgeexit.netsim' has no attribute {name!r}")

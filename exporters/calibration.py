@@ -41,13 +41,6 @@ def load_calibration(source: Any, input_shape: tuple[int, ...], limit: int) -> n
     return x
 
 
-def normalize(x: np.ndarray, norm: dict[str, list[float]] | None) -> np.ndarray:
-    if not norm:
-        return x
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = np.asarray(norm["mean"], np.float32).reshape(shape)
-    std = np.asarray(norm["std"], np.float32).reshape(shape)
-    return ((x - mean) / std).astype(np.float32)
 
 
 def boundary_ranges(modules: list[torch.nn.Module], x: np.ndarray, batch: int = 100) -> list[tuple[float, float]]:

@@ -35,6 +35,7 @@ from edgeexit.exporters.options import ExportOptions
 from edgeexit.exporters.sources import Traced, load_traced
 from edgeexit.exporters.validate import validate_bundle, validation_inputs
 from edgeexit.runtime.codec import ENCODINGS, encoded_bytes
+from edgeexit.runtime.runner import normalize
 
 
 class Progress:
@@ -75,7 +76,7 @@ def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions 
         log.warn(w)
     cut = _cut(traced, opts.split_points, log)
     raw = calib.load_calibration(opts.calibration_data, traced.input_shape, opts.calibration_samples)
-    real = calib.normalize(raw, opts.normalize) if raw is not None else None
+    real = normalize(raw, opts.normalize) if raw is not None else None
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -32,6 +32,16 @@ def check_tensor(x: np.ndarray, spec: TensorSpec) -> None:
         raise InvalidTensor(f"{spec.name}: shape {list(x.shape)} but the bundle expects {want} ('batch' is any size)")
 
 
+def normalize(x: np.ndarray, norm: dict[str, list[float]] | None) -> np.ndarray:
+    """Per-channel ``(x - mean) / std`` for raw [N, C, ...] inputs; ``norm`` None leaves them as they are."""
+    if not norm:
+        return x
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = np.asarray(norm["mean"], np.float32).reshape(shape)
+    std = np.asarray(norm["std"], np.float32).reshape(shape)
+    return ((x - mean) / std).astype(np.float32)
+
+
 class SegmentRunner:
     """Runs segments of a bundle. Sessions open lazily, so a tail-only server never loads the head."""
 
@@ -64,13 +74,7 @@ class SegmentRunner:
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """Apply the manifest's input normalisation (if any) to raw inputs."""
-        norm = self.manifest.input.normalization
-        if not norm:
-            return x
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = np.asarray(norm["mean"], np.float32).reshape(shape)
-        std = np.asarray(norm["std"], np.float32).reshape(shape)
-        return ((x - mean) / std).astype(np.float32)
+        return normalize(x, self.manifest.input.normalization)
 
     def _step(self, k: int) -> tuple[SegmentSession, str, list[int], bool]:
         """(session, input name, exits, is last) of segment k, resolved once: run() is a hot path."""

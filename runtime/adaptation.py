@@ -34,7 +34,8 @@ ADAPT_MODES = ("planner", "bandit", "off")
 class AdaptOptions:
     mode: str = "planner"
     hysteresis: float = 0.35  # re-plan when bandwidth moves beyond x(1 +- h) of what the plan assumed
-    probe_interval_s: float = 0.5  # while device-only, probe the link at most this often
+    probe_interval_s: float = 0.5  # while device-only, probe the link at most this often ...
+    max_probe_interval_s: float = 4.0  # ... backing off (x2 per probe) while probes leave the plan unchanged
     min_samples: int = 2  # offload samples needed before the estimate is trusted
     mu: float = 0.5  # bandit: weight of cost against confidence
     seed: int = 0
@@ -68,6 +69,7 @@ class PlannerAdapter:
         self.network = network
         self.choice = planner.plan(network).choice
         self._last_probe = clock()
+        self._probe_interval = self.options.probe_interval_s
         self.replans = 0
         self.history: list[tuple[float, str]] = [(network.up_mbit, self.choice.label)]
 
@@ -82,7 +84,10 @@ class PlannerAdapter:
                 return self.choice
             rtt = est.rtt_s * 1e3 if est.rtt_s is not None else self.network.rtt_ms
             self.network = replace(self.network, up_mbit=bw, rtt_ms=rtt)
-            self.choice = self.planner.plan(self.network).choice
+            new = self.planner.plan(self.network).choice
+            if new.label != self.choice.label:
+                self._probe_interval = self.options.probe_interval_s  # the link moves: watch it closely again
+            self.choice = new
             self.replans += 1
             self.history.append((bw, self.choice.label))
             return self.choice
@@ -93,9 +98,10 @@ class PlannerAdapter:
             return False
         now = self._clock()
         with self._lock:
-            if now - self._last_probe < self.options.probe_interval_s:
+            if now - self._last_probe < self._probe_interval:
                 return False
             self._last_probe = now
+            self._probe_interval = min(2 * self._probe_interval, self.options.max_probe_interval_s)
             return True
 
     def probe_split(self) -> int:

@@ -56,6 +56,13 @@ def test_probe_only_while_nothing_is_offloaded():
     assert adapter.choose().strategy == "device-only"
     now[0] += 2.0
     assert adapter.probe_due() and not adapter.probe_due()  # once per interval
+    gaps, last = [], now[0]
+    for _ in range(400):  # probes that change nothing back off to the cap
+        now[0] += 0.25
+        if adapter.probe_due():
+            gaps.append(now[0] - last)
+            last = now[0]
+    assert gaps[:3] == [1.0, 2.0, 4.0] and set(gaps[3:]) == {4.0}
     assert adapter.probe_split() == 1  # the boundary with the fewest bytes
     assert candidate_split(adapter.choice) == "device"
 

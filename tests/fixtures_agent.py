@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -149,47 +148,6 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-class DelayRelay:
-    """A real TCP relay on 127.0.0.1 that holds every client->server chunk for ``delay_s`` (a slow link)."""
-
-    def __init__(self, target_port: int, delay_s: float):
-        self.target_port, self.delay_s = target_port, delay_s
-        self._srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self._srv.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self._srv.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._srv.accept()
-            except OSError:
-                continue
-            up = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(conn, up, self.delay_s), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, conn, 0.0), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
-        try:
-            while data := src.recv(65536):
-                if delay:
-                    time.sleep(delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._srv.close()
 
 
 def last_json_line(text: str) -> dict:

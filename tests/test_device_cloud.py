@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from edgeexit.netsim import LinkConditions, Relay
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.codec import encode
@@ -16,7 +17,7 @@ from edgeexit.runtime.device import CLOUD, FALLBACK, DeviceOptions, DeviceRuntim
 from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.service import build_handlers
-from tests.fixtures_agent import DelayRelay, free_port, input_shape
+from tests.fixtures_agent import free_port, input_shape
 
 # int8 boundary tensors (per-tensor affine, calibrated scale) change the final probabilities by at most this
 # much on these inputs (measured: 6.4e-5 max abs on tiny_bundle, split 0, 64 random inputs; 15x headroom),
@@ -106,15 +107,12 @@ def test_service_down_falls_back_within_the_deadline(agent_bundle, batch64, loca
 
 
 def test_slower_than_the_deadline_falls_back_with_link_timeout(agent_bundle, cloud, batch64):
-    relay = DelayRelay(cloud.port, delay_s=0.4)
-    try:
-        rt = runtime(agent_bundle, f"127.0.0.1:{relay.port}", split=0, deadline_ms=150)
+    with Relay(("127.0.0.1", cloud.port), LinkConditions(delay_ms=400)) as relay:
+        rt = runtime(agent_bundle, "{}:{}".format(*relay.address), split=0, deadline_ms=150)
         res = rt.infer(batch64[:4])
         assert set(res.decided) == {FALLBACK} and "LinkTimeout" in res.fallback_reason
         assert res.latency.total_ms < 150 + 250
         rt.close()
-    finally:
-        relay.close()
 
 
 def test_tiny_deadline_falls_back_and_every_row_is_answered(agent_bundle, cloud, batch64):

@@ -128,7 +128,8 @@ def main() -> None:
               f"Calibrated on val (n={len(y_val)}), accuracy mode, epsilon={args.epsilon}, delta={args.delta}. "
               f"Final exit alone: {100 * final_acc:.2f}%; full model {full[1]:.2f} s.\n")
     table = markdown_table(["policy", "calibrated", "drop (pp)", "relative FLOPs", "relative time",
-                            "exit rates", "best FLOPs at <=0.5 pp on test (shared-threshold oracle, uncalibrated)"], rows)
+                            "exit rates",
+                            "best FLOPs at <=0.5 pp on test (shared-threshold oracle, uncalibrated)"], rows)
     print(header)
     print(table)
     ok = [(k, r) for k, r in results.items() if r["accuracy_drop_pp"] <= MAX_DROP_PP]

@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from edgeexit.bundle import Manifest
 from edgeexit.errors import ConfigError
 from edgeexit.planner import Candidate, Planner
 from edgeexit.profiles import NetworkProfile
 from edgeexit.runtime.link_stats import LinkStats
 
 ADAPT_MODES = ("planner", "bandit", "off")
+SPLIT_WORDS = ("auto", "device", "cloud")
 
 
 @dataclass
@@ -45,6 +47,40 @@ class AdaptOptions:
             raise ConfigError(f"adapt mode {self.mode!r}: choose one of {ADAPT_MODES}")
         if not 0 < self.hysteresis < 10:
             raise ConfigError("hysteresis must be in (0, 10)")
+
+
+def auto_split(manifest: Manifest) -> int:
+    """`--adapt off`: the cheapest fp32 boundary among the first half of the network (no measurements)."""
+    half = max(1, len(manifest.segments) // 2)
+    candidates = manifest.split_points[:half]
+    if not candidates:
+        raise ConfigError("the bundle has a single segment: there is no split point; use --split device or cloud")
+
+    def fp32_bytes(p: Any) -> int:
+        return int(p.bytes_per_sample.get("fp32", p.tensor.sample_elements() * 4))
+
+    return min(candidates, key=lambda p: (fp32_bytes(p), p.index)).index
+
+
+def resolve_split(manifest: Manifest, split: int | str, has_cloud: bool) -> int | str:
+    """An int split point, "device" or "cloud"; validated against the bundle."""
+    if isinstance(split, str) and split not in SPLIT_WORDS:
+        try:
+            split = int(split)
+        except ValueError:
+            raise ConfigError(f"split {split!r} is not a number or one of {SPLIT_WORDS}") from None
+    if not has_cloud:
+        if split == "cloud":
+            raise ConfigError("split 'cloud' sends every input to the cloud: give the address (--cloud HOST:PORT)")
+        return "device"
+    if split == "auto":
+        return auto_split(manifest)
+    if isinstance(split, int):
+        last = len(manifest.split_points) - 1
+        if not 0 <= split <= last:
+            raise ConfigError(f"split {split} is outside this bundle's split points 0..{last}; "
+                              "use 'device' to run everything locally")
+    return split
 
 
 def candidate_split(c: Candidate) -> int | str:

@@ -26,7 +26,7 @@ import numpy as np
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
 from edgeexit.runtime import codec
-from edgeexit.runtime.adaptation import next_split
+from edgeexit.runtime.adaptation import next_split, resolve_split
 from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.runner import SegmentRunner
@@ -36,7 +36,6 @@ log = logging.getLogger("edgeexit.device")
 DEVICE, CLOUD, FALLBACK = "device", "cloud", "device-fallback"
 # Integer codes for `decided` on the wire (agent output `decided`, INT32).
 DECIDED_CODES = {DEVICE: 0, CLOUD: 1, FALLBACK: 2}
-SPLIT_WORDS = ("auto", "device", "cloud")
 ON_FAILURE = ("best-exit", "finish-local")
 
 
@@ -105,40 +104,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def auto_split(manifest: Manifest) -> int:
-    """Placeholder until the planner: the cheapest fp32 boundary among the first half of the network."""
-    half = max(1, len(manifest.segments) // 2)
-    candidates = manifest.split_points[:half]
-    if not candidates:
-        raise ConfigError("the bundle has a single segment: there is no split point; use --split device or cloud")
-
-    def fp32_bytes(p: Any) -> int:
-        return int(p.bytes_per_sample.get("fp32", p.tensor.sample_elements() * 4))
-
-    return min(candidates, key=lambda p: (fp32_bytes(p), p.index)).index
-
-
-def resolve_split(manifest: Manifest, split: int | str, has_cloud: bool) -> int | str:
-    """An int split point, "device" or "cloud"; validated against the bundle."""
-    if isinstance(split, str) and split not in SPLIT_WORDS:
-        try:
-            split = int(split)
-        except ValueError:
-            raise ConfigError(f"split {split!r} is not a number or one of {SPLIT_WORDS}") from None
-    if not has_cloud:
-        if split == "cloud":
-            raise ConfigError("split 'cloud' sends every input to the cloud: give the address (--cloud HOST:PORT)")
-        return "device"
-    if split == "auto":
-        return auto_split(manifest)
-    if isinstance(split, int):
-        last = len(manifest.split_points) - 1
-        if not 0 <= split <= last:
-            raise ConfigError(f"split {split} is outside this bundle's split points 0..{last}; "
-                              "use 'device' to run everything locally")
-    return split
 
 
 class _Pending:

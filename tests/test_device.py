@@ -9,8 +9,9 @@ import pytest
 from edgeexit.bundle import Bundle
 from edgeexit.errors import ConfigError, InvalidTensor, LinkTimeout, PeerUnavailable
 from edgeexit.policies import make_policy
+from edgeexit.runtime.adaptation import auto_split
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
-from edgeexit.runtime.device import CLOUD, DEVICE, FALLBACK, DeviceOptions, DeviceRuntime, auto_split, softmax
+from edgeexit.runtime.device import CLOUD, DEVICE, FALLBACK, DeviceOptions, DeviceRuntime, softmax
 from edgeexit.runtime.runner import SegmentRunner
 from tests.fixtures_agent import input_shape
 

@@ -26,7 +26,7 @@ import numpy as np
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
 from edgeexit.runtime import codec
-from edgeexit.runtime.adaptation import next_split, resolve_split
+from edgeexit.runtime.adaptation import AdaptOptions, build_adapter, next_split, resolve_split
 from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.runner import SegmentRunner
@@ -155,8 +155,6 @@ class DeviceRuntime:
         self.link = LinkStats()
         self.adapter = None
         if adaptive:
-            from edgeexit.runtime.adaptation import AdaptOptions, build_adapter
-
             self.adapter = build_adapter(self.manifest, self.runner, AdaptOptions(mode=o.adapt), o.network,
                                          o.slowdown, o.encoding, self.link)
             self.split = next_split(self.adapter)

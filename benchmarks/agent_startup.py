@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,14 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeexit.harness import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "artifacts" / "resnet_exits.edgeexit"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchless_env(tmp: Path) -> dict[str, str]:
@@ -48,7 +43,7 @@ def _rss_mb(pid: int) -> float:
 
 def _one_run(bundle: Path, env: dict[str, str], requests: int) -> tuple[float, float, float]:
     """(seconds to ready, RSS MB at ready, RSS MB after `requests` inferences)."""
-    cmd = [sys.executable, "-m", "edgeexit", "agent", str(bundle), "--cloud", f"127.0.0.1:{_free_port()}",
+    cmd = [sys.executable, "-m", "edgeexit", "agent", str(bundle), "--cloud", f"127.0.0.1:{free_port()}",
            "--split", "device", "--listen", "127.0.0.1:0"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

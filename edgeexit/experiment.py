@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import ConfigError
-from edgeexit.harness import AgentClient, Proc, launch
+from edgeexit.harness import AgentClient, Proc, free_port, launch
 from edgeexit.netsim import LinkConditions, Relay
 from edgeexit.profiles import NetworkProfile
 
@@ -157,13 +156,12 @@ class Testbed:
     def __enter__(self) -> Testbed:
         try:
             # The service's stdout goes to a buffered log, so pick the metrics port here rather than parse it.
-            metrics_port = _free_port()
+            metrics_port = free_port()
             self.service = launch("serve", ["serve", str(self.options.bundle), "--port", "0", "--metrics-port",
                                             str(metrics_port), "--max-batch-size", "1",
                                             "--threads", str(self.options.service_threads)], self.log_dir)
             self._metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            host, port = self.service.target.rsplit(":", 1)
-            self.relay = Relay((host, int(port))).start()
+            self.relay = Relay(self.service.address).start()
         except BaseException:
             self.close()
             raise
@@ -285,12 +283,6 @@ def _model_name(bundle: Path) -> str:
     from edgeexit.bundle import Bundle
 
     return Bundle.load(bundle, verify=False).manifest.name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _slug(name: str) -> str:

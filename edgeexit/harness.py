@@ -34,6 +34,13 @@ class Proc:
     target: str
     log_path: Path
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """``target`` as (host, port)."""
+        from edgeexit.netsim.conditions import parse_hostport
+
+        return parse_hostport(self.target, self.name)
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -62,6 +69,15 @@ class Proc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for options such as ``serve --metrics-port`` whose chosen port we must know)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def launch(name: str, args: Sequence[str], log_dir: Path, prefix: Sequence[str] = (), timeout: float = 90.0,

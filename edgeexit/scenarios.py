@@ -237,7 +237,7 @@ class Scenario:
 
     def restart_service(self) -> Proc:
         """Start the service again on the port it had (the relay keeps pointing there)."""
-        port = int(self.service.target.rsplit(":", 1)[1])
+        port = self.service.address[1]
         self.service.stop(STOP_TIMEOUT)
         self.service = self.start_service(port)
         return self.service
@@ -260,15 +260,6 @@ class Scenario:
             self.link.set_rate(up_mbit, down_mbit)
         else:
             self.relay.update(up_mbit=up_mbit, down_mbit=down_mbit)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (for options such as ``serve --metrics-port`` whose chosen port we must know)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

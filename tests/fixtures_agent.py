@@ -7,12 +7,7 @@ tests do not depend on the exporter landing first.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -108,47 +103,3 @@ def input_shape(bundle: Path) -> tuple[int, ...]:
 def raw_batch(agent_bundle) -> np.ndarray:
     """Raw [0, 1] pixels shaped for the bundle input (8 rows)."""
     return np.random.default_rng(1).random((8, *input_shape(agent_bundle)), dtype=np.float32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> str:
-    """Read the process's stdout until a line containing ``needle``; fail with its stderr if it dies."""
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"process exited {proc.returncode}: {''.join(lines)} {proc.stderr.read()}")
-            time.sleep(0.02)
-            continue
-        lines.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"no {needle!r} within {timeout}s; got {lines}")
-
-
-def spawn_edgeexit(*args: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([PY, "-m", "edgeexit", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full_env)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def last_json_line(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import io
 import json
-import signal
+import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
 from edgeexit.errors import ConfigError
+from edgeexit.harness import free_port, launch
 from edgeexit.runtime.agent import Agent, AgentOptions, EventLog, parse_listen
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.device import CLOUD, DECIDED_CODES, DeviceOptions, softmax
 from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.service import build_handlers
-from tests.fixtures_agent import free_port, spawn_edgeexit, stop, wait_for_line
 
 
 def triton_infer(target: str, model: str, x: np.ndarray):
@@ -108,29 +108,20 @@ def test_bad_listen_addresses_say_what_to_use(bad):
 
 
 @pytest.mark.slow
-def test_serve_and_agent_as_real_processes(agent_bundle, raw_batch):
-    serve = spawn_edgeexit("serve", str(agent_bundle), "--port", "0")
-    agent = None
-    try:
-        cloud_target = wait_for_line(serve, "ready on").split("ready on", 1)[1].strip()
+def test_serve_and_agent_as_real_processes(agent_bundle, raw_batch, tmp_path):
+    with launch("serve", ["serve", str(agent_bundle), "--port", "0"], tmp_path) as serve:
         metrics_port = free_port()
-        agent = spawn_edgeexit("agent", str(agent_bundle), "--cloud", cloud_target, "--split", "1",
-                               "--policy", "never", "--listen", "127.0.0.1:0", "--metrics-port", str(metrics_port))
-        target = wait_for_line(agent, "ready on").split("ready on", 1)[1].strip()
-        client, res = triton_infer(target, SegmentRunner(agent_bundle).manifest.name, raw_batch)
-        client.close()
-        final = local_final(agent_bundle, raw_batch)
-        np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(final), atol=1e-5)
-        assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
-        import urllib.request
-
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert 'edgeexit_agent_rows_total{decided="cloud"} 8.0' in body
-        agent.send_signal(signal.SIGTERM)
-        assert agent.wait(15) == 0
-        events = [json.loads(line)["event"] for line in agent.stderr.read().splitlines() if line.startswith("{")]
+        agent = launch("agent", ["agent", str(agent_bundle), "--cloud", serve.target, "--split", "1", "--policy",
+                                 "never", "--listen", "127.0.0.1:0", "--metrics-port", str(metrics_port)], tmp_path)
+        with agent:
+            client, res = triton_infer(agent.target, SegmentRunner(agent_bundle).manifest.name, raw_batch)
+            client.close()
+            final = local_final(agent_bundle, raw_batch)
+            np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(final), atol=1e-5)
+            assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            assert 'edgeexit_agent_rows_total{decided="cloud"} 8.0' in body
+            assert agent.stop() == 0  # SIGTERM: a clean stop
+        events = [json.loads(line)["event"] for line in agent.log().splitlines() if line.startswith("{")]
         assert events[0] == "start" and events[-1] == "stop" and "ready" in events
-    finally:
-        if agent is not None:
-            stop(agent)
-        assert stop(serve) == 0
+    assert serve.popen.returncode == 0

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from edgeexit.harness import free_port
 from edgeexit.netsim import LinkConditions, Relay
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
 from edgeexit.runtime.client import InferenceClient
@@ -17,7 +18,7 @@ from edgeexit.runtime.device import CLOUD, FALLBACK, DeviceOptions, DeviceRuntim
 from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.service import build_handlers
-from tests.fixtures_agent import free_port, input_shape
+from tests.fixtures_agent import input_shape
 
 # int8 boundary tensors (per-tensor affine, calibrated scale) change the final probabilities by at most this
 # much on these inputs (measured: 6.4e-5 max abs on tiny_bundle, split 0, 64 random inputs; 15x headroom),

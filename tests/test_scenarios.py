@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from edgeexit.harness import free_port
 from edgeexit.netsim.namespaces import available
-from edgeexit.scenarios import Scenario, ScenarioOptions, free_port
+from edgeexit.scenarios import Scenario, ScenarioOptions
 from tests.fixtures_scenarios import App, Reference, record_mode
 
 MODEL = "tiny"

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     rows = {"device": [0, 0], "cloud": [0, 0], "device-fallback": [0, 0]}  # decided -> [count, correct]
     seconds, sent = [], 0
     with launch("serve", ["serve", args.bundle, "--port", "0"], work) as serve, \
-            Relay(_hostport(serve.target), Condition.from_network(net).link()) as relay:
+            Relay(serve.address, Condition.from_network(net).link()) as relay:
         cloud = f"{relay.address[0]}:{relay.address[1]}"
         agent_args = ["agent", args.bundle, "--cloud", cloud, "--listen", "127.0.0.1:0", "--split", args.agent_split,
                       "--network", args.network, "--encoding", args.encoding, "--emulate-device", args.emulate_device]
@@ -86,7 +86,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"stopped cleanly: agent exit {codes['agent']}, serve exit {codes['serve']} (logs in {work})")
     return 0 if codes == {"agent": 0, "serve": 0} else 1
 
-
-def _hostport(target: str) -> tuple[str, int]:
-    host, port = target.rsplit(":", 1)
-    return host, int(port)

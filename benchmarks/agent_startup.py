@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.harness import free_port
+from edgeexit.testbed.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "artifacts" / "resnet_exits.edgeexit"

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from edgeexit import datasets  # noqa: E402
 from edgeexit.bundle import Bundle  # noqa: E402
 from edgeexit.cli.common import parse_float_list  # noqa: E402
-from edgeexit.experiment import (  # noqa: E402
+from edgeexit.testbed.experiment import (  # noqa: E402
     Condition,
     Strategy,
     Testbed,
@@ -55,7 +55,7 @@ from edgeexit.experiment import (  # noqa: E402
     run_condition,
     subsample,
 )
-from edgeexit.experiment_report import best_of, markdown, plot_latency_vs_bandwidth, summarize_all  # noqa: E402
+from edgeexit.testbed.experiment_report import best_of, markdown, plot_latency_vs_bandwidth, summarize_all  # noqa: E402
 from edgeexit.profiles import load_device_class  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

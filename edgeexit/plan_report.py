@@ -14,7 +14,7 @@ def _profile(bundle: Bundle, role: str, path: str | None, threads: int) -> Laten
         return LatencyProfile.load(path)
     if role in bundle.manifest.profiles:
         return LatencyProfile.from_dict(bundle.manifest.profiles[role])
-    from edgeexit.profiling import measure_profile
+    from edgeexit.runtime.profiling import measure_profile
     from edgeexit.runtime.runner import SegmentRunner
 
     print(f"note: no {role} profile stored in the bundle; measuring this host now "

@@ -201,7 +201,7 @@ def build_adapter(manifest: Any, runner: Any, options: AdaptOptions, network: st
                   encoding: str, link: LinkStats) -> PlannerAdapter | BanditAdapter:
     """An adapter for a device runtime: profiles from the bundle when stored, else measured here now."""
     from edgeexit.profiles import DeviceClass, LatencyProfile, load_network
-    from edgeexit.profiling import measure_profile
+    from edgeexit.runtime.profiling import measure_profile
 
     options.check()
     stored = manifest.profiles

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.harness import AgentAnswer, AgentClient
+from edgeexit.testbed.harness import AgentAnswer, AgentClient
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from edgeexit.errors import ConfigError
-from edgeexit.harness import free_port, launch
+from edgeexit.testbed.harness import free_port, launch
 from edgeexit.runtime.agent import Agent, AgentOptions, EventLog, parse_listen
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.device import CLOUD, DECIDED_CODES, DeviceOptions, softmax

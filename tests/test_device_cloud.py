@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from edgeexit.harness import free_port
-from edgeexit.netsim import LinkConditions, Relay
+from edgeexit.testbed.harness import free_port
+from edgeexit.testbed.netsim import LinkConditions, Relay
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.codec import encode

@@ -1,4 +1,4 @@
-"""edgeexit.experiment (real serve + agent processes behind the relay) and `edgeexit bench` on the tiny bundle."""
+"""edgeexit.testbed.experiment (real serve + agent processes behind the relay) and `edgeexit bench` on the tiny bundle."""
 
 import json
 import shutil
@@ -10,8 +10,8 @@ import pytest
 
 from edgeexit import experiment as ex
 from edgeexit.errors import ConfigError
-from edgeexit.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
-from edgeexit.experiment_report import best_of, summarize, summarize_all
+from edgeexit.testbed.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
+from edgeexit.testbed.experiment_report import best_of, summarize, summarize_all
 from edgeexit.profiles import load_network
 from edgeexit.runtime.runner import SegmentRunner
 

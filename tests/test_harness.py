@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgeexit.errors import ConfigError
-from edgeexit.harness import AgentClient, launch
+from edgeexit.testbed.harness import AgentClient, launch
 from edgeexit.runtime.runner import SegmentRunner
 
 

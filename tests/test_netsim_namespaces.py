@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from edgeexit.errors import ConfigError
-from edgeexit.netsim.namespaces import NetnsLink, available, cleanup_stale
+from edgeexit.testbed.netsim.namespaces import NetnsLink, available, cleanup_stale
 
 OK, WHY = available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"network namespaces unavailable: {WHY}")
@@ -26,11 +26,11 @@ def _listing() -> str:
 
 def _measure(link: NetnsLink, sender: str, receiver_ip: str, mbit: float, seconds: float = 1.2) -> float:
     receiver = "cloud" if sender == "dev" else "dev"
-    sink = link.run(receiver, [PY, "-m", "edgeexit.netsim.probe", "sink", f"{receiver_ip}:5001"],
+    sink = link.run(receiver, [PY, "-m", "edgeexit.testbed.netsim.probe", "sink", f"{receiver_ip}:5001"],
                     stdout=subprocess.PIPE, text=True)
     assert sink.stdout.readline().strip() == "listening"
     nbytes = int(mbit * 1e6 / 8 * seconds)
-    source = link.run(sender, [PY, "-m", "edgeexit.netsim.probe", "source", f"{receiver_ip}:5001", str(nbytes)])
+    source = link.run(sender, [PY, "-m", "edgeexit.testbed.netsim.probe", "source", f"{receiver_ip}:5001", str(nbytes)])
     assert source.wait(30) == 0
     result = json.loads(sink.stdout.readline())
     sink.wait(5)
@@ -118,7 +118,7 @@ def test_bad_rates_and_namespaces_are_config_errors():
 
 CTRL_C = textwrap.dedent("""
     import os, signal, time
-    from edgeexit.netsim.namespaces import NetnsLink
+    from edgeexit.testbed.netsim.namespaces import NetnsLink
     with NetnsLink(up_mbit=5) as link:
         print(link.dev_ns, link.cloud_ns, link.dev_if, link.cloud_if, flush=True)
         os.kill(os.getpid(), signal.SIGINT)

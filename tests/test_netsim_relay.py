@@ -11,7 +11,7 @@ import time
 import pytest
 
 from edgeexit.errors import ConfigError
-from edgeexit.netsim import LinkConditions, Outage, Relay, Trace
+from edgeexit.testbed.netsim import LinkConditions, Outage, Relay, Trace
 from tests.fixtures_netsim import ping
 
 

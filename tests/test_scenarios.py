@@ -2,7 +2,7 @@
 
 Each scenario records the mode it ran in (junit property ``scenario_mode`` and a ``[scenario mode]`` line):
 ``namespace`` (service and agent in two network namespaces, the kernel shaping the veth, a relay process in the
-device namespace for delay and outages) whenever `edgeexit.netsim.namespaces.available()` says so — CI runs as
+device namespace for delay and outages) whenever `edgeexit.testbed.netsim.namespaces.available()` says so — CI runs as
 root, so there a and c must really run in namespaces — else ``loopback`` (everything on 127.0.0.1, the relay
 shaping too). ``EDGEEXIT_SCENARIO_MODE=loopback`` forces loopback (to check that path as root).
 Every process and namespace is torn down by `Scenario`'s context manager, also after a failure.
@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgeexit.harness import free_port
-from edgeexit.netsim.namespaces import available
-from edgeexit.scenarios import Scenario, ScenarioOptions
+from edgeexit.testbed.harness import free_port
+from edgeexit.testbed.netsim.namespaces import available
+from edgeexit.testbed.scenarios import Scenario, ScenarioOptions
 from tests.fixtures_scenarios import App, Reference, record_mode
 
 MODEL = "tiny"
@@ -82,7 +82,7 @@ def test_relay_process_changes_conditions_at_run_time_and_refuses_bad_commands(e
     import socket
 
     from edgeexit.errors import ConfigError
-    from edgeexit.scenarios import RelayControl
+    from edgeexit.testbed.scenarios import RelayControl
     from tests.fixtures_netsim import ping
 
     relay = RelayControl(f"{echo_server[0]}:{echo_server[1]}", tmp_path / "relay.log")

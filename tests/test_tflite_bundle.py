@@ -73,7 +73,7 @@ def test_int8_static_without_calibration_data_is_a_config_error(tmp_path):
 
 
 def test_serve_and_agent_run_on_litert(tflite_bundle, tmp_path):
-    from edgeexit.harness import AgentClient, launch
+    from edgeexit.testbed.harness import AgentClient, launch
 
     x = np.random.default_rng(5).random((4, 1, 28, 28), dtype=np.float32)
     ort = SegmentRunner(tflite_bundle)

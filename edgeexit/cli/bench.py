@@ -63,7 +63,7 @@ class BenchOptions:
 
 def strategies(num_split_points: int) -> list[Any]:
     """Every measured strategy: the static configurations, then edgeexit (adaptive)."""
-    from edgeexit.experiment import Strategy
+    from edgeexit.testbed.experiment import Strategy
 
     static = [Strategy("device-only", "device", "never"), Strategy("cloud-only", "cloud", "never"),
               Strategy("branchynet", "device")]
@@ -74,7 +74,7 @@ def strategies(num_split_points: int) -> list[Any]:
 
 def derive(by_strategy: dict[str, Any]) -> dict[str, Any]:
     """Add neurosurgeon (best measured no-exit static split) and oracle (best measured static config)."""
-    from edgeexit.experiment_report import best_of
+    from edgeexit.testbed.experiment_report import best_of
 
     measured = [n for n in by_strategy if n != "edgeexit"]
     no_exit = [n for n in measured if n.endswith("/never") or n in ("device-only", "cloud-only")]
@@ -87,8 +87,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
 
     from edgeexit import datasets
     from edgeexit.bundle import Bundle
-    from edgeexit.experiment import Condition, Testbed, TestbedOptions, prepare_bundle, run_condition, subsample
-    from edgeexit.experiment_report import ratio_stats, summarize_all
+    from edgeexit.testbed.experiment import Condition, Testbed, TestbedOptions, prepare_bundle, run_condition, subsample
+    from edgeexit.testbed.experiment_report import ratio_stats, summarize_all
     from edgeexit.profiles import load_device_class, load_network
 
     device = load_device_class(o.device)  # fail on a wrong name before any work
@@ -132,7 +132,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> str:
     """bench.json, bench.md and bench.png into ``out``; returns the Markdown."""
     import json
 
-    from edgeexit.experiment_report import markdown, plot_latency_vs_bandwidth
+    from edgeexit.testbed.experiment_report import markdown, plot_latency_vs_bandwidth
 
     table = result.pop("_table")
     main = [by[s] for by in table.values() for s in ORDER]

@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit import datasets
     from edgeexit.bundle import Bundle
     from edgeexit.errors import ConfigError
-    from edgeexit.experiment import Condition
-    from edgeexit.harness import AgentClient, launch
-    from edgeexit.netsim import Relay
+    from edgeexit.testbed.experiment import Condition
+    from edgeexit.testbed.harness import AgentClient, launch
+    from edgeexit.testbed.netsim import Relay
     from edgeexit.profiles import load_device_class, load_network
 
     if args.batch < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgeexit.netsim.trace import HEADER
+from edgeexit.testbed.netsim.trace import HEADER
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from edgeexit.netsim import LinkConditions, Outage, Relay, Trace
-    from edgeexit.netsim.conditions import parse_hostport
+    from edgeexit.testbed.netsim import LinkConditions, Outage, Relay, Trace
+    from edgeexit.testbed.netsim.conditions import parse_hostport
 
     listen = parse_hostport(args.listen, "--listen")
     target = parse_hostport(args.target, "--target")

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgeexit.cli.common import parse_int_list
-    from edgeexit.profiling import measure_profile, profile_table
+    from edgeexit.runtime.profiling import measure_profile, profile_table
     from edgeexit.runtime.runner import SegmentRunner
 
     runner = SegmentRunner(args.bundle, backend=args.backend, threads=args.threads, fmt=args.fmt)

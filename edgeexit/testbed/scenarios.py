@@ -8,7 +8,7 @@ Two modes behind one interface (`Scenario`), and every scenario says which one r
   come from a relay process in the device namespace (the kernel here has no netem).
 - ``loopback`` (anywhere): everything on 127.0.0.1; the relay process also shapes the bandwidth.
 
-The relay is a separate process (``python -m edgeexit.scenarios relay``) driven by JSON commands on its stdin,
+The relay is a separate process (``python -m edgeexit.testbed.scenarios relay``) driven by JSON commands on its stdin,
 so a test can cut the link, slow it down or restore it at a chosen moment in either mode. Agents listen on a
 unix socket, which the test process reaches whatever namespace the agent runs in. Everything started here is
 stopped on exit, also after a failure; the namespaces are deleted (`NetnsLink` kills what still runs there).
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeexit.errors import ConfigError, EdgeExitError
-from edgeexit.harness import AgentClient, Proc, launch
+from edgeexit.testbed.harness import AgentClient, Proc, launch
 
 MODES = ("auto", "namespace", "loopback")
 STOP_TIMEOUT = 5.0
@@ -36,7 +36,7 @@ STOP_TIMEOUT = 5.0
 
 def pick_mode(requested: str = "auto") -> tuple[str, str]:
     """(mode, why): ``namespace`` when requested or possible, else ``loopback`` with the reason."""
-    from edgeexit.netsim.namespaces import available
+    from edgeexit.testbed.netsim.namespaces import available
 
     if requested not in MODES:
         raise ConfigError(f"scenario mode {requested!r} is unknown; use one of {', '.join(MODES)}")
@@ -52,7 +52,7 @@ def pick_mode(requested: str = "auto") -> tuple[str, str]:
 
 # ---- the relay process ------------------------------------------------------------------------------------------
 class RelayControl:
-    """A relay process (``python -m edgeexit.scenarios relay``) whose conditions the test changes at run time."""
+    """A relay process (``python -m edgeexit.testbed.scenarios relay``) whose conditions the test changes at run time."""
 
     def __init__(self, target: str, log_path: Path, prefix: tuple[str, ...] = (), **conditions: Any):
         self.conditions: dict[str, Any] = dict(conditions)
@@ -60,7 +60,7 @@ class RelayControl:
         self._log = open(log_path, "w")  # noqa: SIM115  closed in close()
         self.log_path = log_path
         self.popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "edgeexit.scenarios", "relay", "--target", target,
+            [*prefix, sys.executable, "-m", "edgeexit.testbed.scenarios", "relay", "--target", target,
              "--conditions", json.dumps(self.conditions)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
         line = self.popen.stdout.readline()
@@ -110,10 +110,10 @@ class RelayControl:
 
 def _relay_main(argv: list[str]) -> int:
     """The relay process: relay until stdin closes, answering one JSON line per JSON command."""
-    from edgeexit.netsim import LinkConditions, Relay
-    from edgeexit.netsim.conditions import parse_hostport
+    from edgeexit.testbed.netsim import LinkConditions, Relay
+    from edgeexit.testbed.netsim.conditions import parse_hostport
 
-    p = argparse.ArgumentParser(prog="python -m edgeexit.scenarios relay")
+    p = argparse.ArgumentParser(prog="python -m edgeexit.testbed.scenarios relay")
     p.add_argument("--listen", default="127.0.0.1:0")
     p.add_argument("--target", required=True)
     p.add_argument("--conditions", default="{}", help="LinkConditions fields as JSON")
@@ -171,7 +171,7 @@ class Scenario:
             o = self.options
             relay_rates = {}
             if self.mode == "namespace":
-                from edgeexit.netsim.namespaces import NetnsLink
+                from edgeexit.testbed.netsim.namespaces import NetnsLink
 
                 self.link = NetnsLink(up_mbit=o.up_mbit, down_mbit=o.down_mbit).__enter__()
             else:
@@ -265,7 +265,7 @@ class Scenario:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "relay":
-        print("usage: python -m edgeexit.scenarios relay --target HOST:PORT [--listen HOST:PORT] "
+        print("usage: python -m edgeexit.testbed.scenarios relay --target HOST:PORT [--listen HOST:PORT] "
               "[--conditions JSON]", file=sys.stderr)
         return 2
     return _relay_main(argv[1:])

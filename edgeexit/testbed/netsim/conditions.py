@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from edgeexit.errors import ConfigError
-from edgeexit.netsim.trace import Trace
+from edgeexit.testbed.netsim.trace import Trace
 
 OUTAGE_MODES = ("blackhole", "reset")
 

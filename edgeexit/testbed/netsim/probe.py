@@ -1,7 +1,7 @@
 """A tiny TCP throughput probe for checking an emulated link (used by the namespace tests).
 
-    python -m edgeexit.netsim.probe sink HOST:PORT           # prints "listening", then one JSON line per run
-    python -m edgeexit.netsim.probe source HOST:PORT NBYTES  # sends NBYTES and closes
+    python -m edgeexit.testbed.netsim.probe sink HOST:PORT           # prints "listening", then one JSON line per run
+    python -m edgeexit.testbed.netsim.probe source HOST:PORT NBYTES  # sends NBYTES and closes
 
 The sink accepts one connection, reads until EOF and prints ``{"bytes": n, "seconds": s, "mbit": r}`` where
 ``s`` runs from the first to the last byte received.
@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from edgeexit.netsim.conditions import parse_hostport
+from edgeexit.testbed.netsim.conditions import parse_hostport
 
 CHUNK = 64 * 1024
 

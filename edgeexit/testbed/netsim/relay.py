@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, replace
 
 from edgeexit.errors import ConfigError
-from edgeexit.netsim.conditions import OUTAGE_MODES, Effective, LinkConditions, resolve
-from edgeexit.netsim.pipe import TICK, Pipe
+from edgeexit.testbed.netsim.conditions import OUTAGE_MODES, Effective, LinkConditions, resolve
+from edgeexit.testbed.netsim.pipe import TICK, Pipe
 
 CONNECT_TIMEOUT = 5.0
 

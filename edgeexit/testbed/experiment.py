@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import ConfigError
-from edgeexit.harness import AgentClient, Proc, free_port, launch
-from edgeexit.netsim import LinkConditions, Relay
+from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch
+from edgeexit.testbed.netsim import LinkConditions, Relay
 from edgeexit.profiles import NetworkProfile
 
 CALIBRATED = None  # Strategy.policy: the bundle's calibrated policy (the agent's default)
@@ -60,7 +60,7 @@ class Condition:
         path = folder / f"net_{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}.toml"
         path.write_text(f'name = "{self.name}"\nup_mbit = {self.up_mbit}\ndown_mbit = {self.down_mbit}\n'
                         f'rtt_ms = {self.rtt_ms}\njitter_ms = {self.jitter_ms}\n'
-                        'source = "edgeexit.experiment: the emulated link of this measurement"\n')
+                        'source = "edgeexit.testbed.experiment: the emulated link of this measurement"\n')
         return path
 
 

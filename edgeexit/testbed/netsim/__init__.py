@@ -10,13 +10,13 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "Effective": "edgeexit.netsim.conditions",
-    "LinkConditions": "edgeexit.netsim.conditions",
-    "Outage": "edgeexit.netsim.conditions",
-    "Relay": "edgeexit.netsim.relay",
-    "RelayStats": "edgeexit.netsim.relay",
-    "Trace": "edgeexit.netsim.trace",
-    "TraceRow": "edgeexit.netsim.trace",
+    "Effective": "edgeexit.testbed.netsim.conditions",
+    "LinkConditions": "edgeexit.testbed.netsim.conditions",
+    "Outage": "edgeexit.testbed.netsim.conditions",
+    "Relay": "edgeexit.testbed.netsim.relay",
+    "RelayStats": "edgeexit.testbed.netsim.relay",
+    "Trace": "edgeexit.testbed.netsim.trace",
+    "TraceRow": "edgeexit.testbed.netsim.trace",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -24,4 +24,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'edgeexit.netsim' has no attribute {name!r}")
+    raise AttributeError(f"module 'edgeexit.testbed.netsim' has no attribute {name!r}")

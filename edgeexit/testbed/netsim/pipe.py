@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgeexit.netsim.conditions import Effective
-from edgeexit.netsim.shaping import TokenBucket, piece_size
+from edgeexit.testbed.netsim.conditions import Effective
+from edgeexit.testbed.netsim.shaping import TokenBucket, piece_size
 
 TICK = 0.025  # longest sleep before conditions are looked at again
 LOOKAHEAD = 0.030  # how far ahead of real time the shaper may schedule the bottleneck

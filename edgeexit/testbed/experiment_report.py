@@ -1,4 +1,4 @@
-"""Summaries of measured rows (edgeexit.experiment), derived strategies (best of a set: the oracle), ratios,
+"""Summaries of measured rows (edgeexit.testbed.experiment), derived strategies (best of a set: the oracle), ratios,
 Markdown rows and the latency-vs-bandwidth PNG. Shared by ``edgeexit bench`` and ``benchmarks/planner.py``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import ConfigError
-from edgeexit.experiment import Sample
+from edgeexit.testbed.experiment import Sample
 
 COLUMNS = ["condition", "strategy", "samples", "accuracy", "mean ms", "p95 ms", "median ms", "bytes sent/req",
            "device ms (emulated)", "cloud ms", "offloaded", "fallbacks", "splits used"]

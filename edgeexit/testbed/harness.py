@@ -37,7 +37,7 @@ class Proc:
     @property
     def address(self) -> tuple[str, int]:
         """``target`` as (host, port)."""
-        from edgeexit.netsim.conditions import parse_hostport
+        from edgeexit.testbed.netsim.conditions import parse_hostport
 
         return parse_hostport(self.target, self.name)
 

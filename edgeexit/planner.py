@@ -6,17 +6,26 @@ whose calibrated exit rates are ``r_j`` (fraction of all inputs that leave at ex
     reach_k   = fraction of inputs still running when segment k starts (1 - exits taken before k)
     device    = sum_{k<=s} reach_k * D_k                                  expected device compute
     offload   = reach_{s+1}                                               fraction sent to the cloud
-    latency   = sum_{k<=s} (reach_k - reach_{k+1}) * D_0..k
-              + offload * (D_0..s + encode_s + RTT + bytes_s / uplink + decode_s + C_{s+1}..end + reply / downlink)
+    local     = sum_{k<=s} (reach_k - reach_{k+1}) * D_0..k               inputs answered by a device exit
+    split     = local + offload * (D_0..s + encode_s + RTT + bytes_s / uplink + decode_s + C_{s+1}..end
+                                   + reply / downlink)
+    cascade   = local + offload * (D_0..s + RTT + input_bytes / uplink + C_0..end + reply / downlink)
 
-Device-only is ``s = last`` (offload = 0); cloud-only sends the fp32 input and runs everything in the cloud.
-Decisions at exit j depend only on exits <= j for every policy we ship, so a split never changes the rates
-of the exits before it. Only exit settings that passed calibration are candidates (SPINN's constraint:
-the accuracy bound is met first, then latency is minimised). Torch-free.
+Device-only is ``s = last`` (offload = 0). Cloud-only sends the raw input as uint8 (1 byte per element) and
+runs everything in the cloud. A **cascade** (``cascade@s``) runs the device's exits in segments 0..s and sends
+an input none of them takes to the cloud as its raw uint8 input for the whole model ``<model>`` (uint8
+encode/decode cost ~0): it beats split@s when the boundary tensor is bigger than the input, which is common.
+The cloud costs ``C_k`` are the cloud profile times ``cloud_scale``, which :meth:`Planner.observe_cloud`
+moves towards the compute time the server reports. Decisions at exit j depend only on exits <= j for every
+policy we ship, so a split never changes the rates of the exits before it. Only exit settings that passed
+calibration are candidates (SPINN's constraint: the accuracy bound is met first, then latency is minimised);
+each candidate carries its setting's thresholds so the runtime applies what was planned. Torch-free.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +35,7 @@ from edgeexit.profiles import LatencyProfile, NetworkProfile
 
 OBJECTIVES = ("latency", "throughput", "bytes")
 REPLY_BYTES_PER_CLASS = 4
+CLOUD_BLEND = 0.2  # weight of one server-reported cloud time in Planner.cloud_scale
 
 
 @dataclass(frozen=True)
@@ -41,12 +51,13 @@ class ExitSetting:
 
 
 NO_EXIT = "no-exit"
+RAW_ENCODING = "uint8"  # how cloud-only and cascade send the raw input: 1 byte per element
 
 
 @dataclass
 class Candidate:
-    strategy: str  # "device-only" | "cloud-only" | "split"
-    split: int | None  # split point for "split"
+    strategy: str  # "device-only" | "cloud-only" | "split" | "cascade"
+    split: int | None  # split point for "split"; last device segment for "cascade"
     encoding: str | None
     setting: str
     latency_ms: float
@@ -55,12 +66,20 @@ class Candidate:
     bytes: float  # expected bytes sent per input
     offload_fraction: float
     accuracy: float | None
+    thresholds: tuple[float, ...] = ()  # the setting's per-early-exit thresholds (() for no-exit)
 
     @property
     def label(self) -> str:
         if self.strategy == "split":
             return f"split@{self.split}/{self.encoding}/{self.setting}"
+        if self.strategy == "cascade":
+            return f"cascade@{self.split}/{self.setting}"
         return f"{self.strategy}/{self.setting}"
+
+    @property
+    def family(self) -> str:
+        """The strategy without its exit setting and encoding (``split@1``, ``cascade@0``, ``cloud-only``)."""
+        return f"{self.strategy}@{self.split}" if self.strategy in ("split", "cascade") else self.strategy
 
 
 @dataclass
@@ -107,24 +126,53 @@ def _network_ms(nbytes: float, reply_bytes: float, net: NetworkProfile) -> float
 
 
 class Planner:
-    """Enumerates every split point x encoding x exit setting, plus device-only and cloud-only."""
+    """Enumerates every split point x encoding x exit setting, every cascade, device-only and cloud-only."""
 
     def __init__(self, manifest: Manifest, device: LatencyProfile, cloud: LatencyProfile,
                  settings: list[ExitSetting] | None = None, encodings: tuple[str, ...] = ("fp32", "fp16", "int8")):
         self.manifest = manifest
         self.n = len(manifest.segments)
         self.device_ms = device.per_sample_ms(1)
-        self.cloud_ms = cloud.per_sample_ms(1)
-        if len(self.device_ms) != self.n or len(self.cloud_ms) != self.n:
-            raise ConfigError(f"profiles cover {len(self.device_ms)}/{len(self.cloud_ms)} segments but the bundle has "
-                              f"{self.n}; profile this bundle with `edgeexit profile`")
+        self._cloud_profile_ms = cloud.per_sample_ms(1)
+        if len(self.device_ms) != self.n or len(self._cloud_profile_ms) != self.n:
+            raise ConfigError(f"profiles cover {len(self.device_ms)}/{len(self._cloud_profile_ms)} segments but the "
+                              f"bundle has {self.n}; profile this bundle with `edgeexit profile`")
         self.device = device
         self.cloud = cloud
+        # Measured cloud time / profiled cloud time (EWMA of observe_cloud): the stored profile was made on
+        # some machine at some load; the server's own figures say what it costs now.
+        self.cloud_scale = 1.0
+        self._scale_lock = threading.Lock()
         self.settings = settings if settings is not None else exit_settings(manifest)
         self.encodings = tuple(e for e in encodings if self._encoding_usable(e))
         # the segment each early exit lives in
         self.exit_segment = [e.segment for e in manifest.exits]
         self.reply_bytes = manifest.num_classes * REPLY_BYTES_PER_CLASS
+        self.input_bytes = manifest.input.sample_elements()  # the raw input as uint8
+
+    @property
+    def cloud_ms(self) -> list[float]:
+        """Expected cloud compute per segment for one sample: the cloud profile x ``cloud_scale``."""
+        return [t * self.cloud_scale for t in self._cloud_profile_ms]
+
+    def observe_cloud(self, compute_ms: float, first_segment: int = 0, rows: int = 1,
+                      weight: float = CLOUD_BLEND) -> None:
+        """Blend a server-reported compute time into ``cloud_scale``.
+
+        ``compute_ms`` is what the cloud spent on ``rows`` rows of segments ``first_segment..last`` (0 for the
+        whole model, ``s + 1`` for the tail after split ``s``).
+        """
+        if not 0 <= first_segment < self.n:
+            raise ConfigError(f"first_segment {first_segment} is outside this bundle's segments 0..{self.n - 1}")
+        if rows < 1 or not math.isfinite(compute_ms) or compute_ms < 0 or not 0 < weight <= 1:
+            raise ConfigError(f"observe_cloud needs compute_ms >= 0, rows >= 1 and weight in (0, 1]; got "
+                              f"{compute_ms!r}, {rows!r}, {weight!r}")
+        expected = sum(self._cloud_profile_ms[first_segment:])
+        if expected <= 0:
+            return  # a profile of zeros has nothing to scale
+        ratio = compute_ms / rows / expected
+        with self._scale_lock:
+            self.cloud_scale = (1 - weight) * self.cloud_scale + weight * ratio
 
     def _encoding_usable(self, enc: str) -> bool:
         return enc != "int8" or all(p.quantization for p in self.manifest.split_points)
@@ -158,30 +206,37 @@ class Planner:
 
     def candidates(self, net: NetworkProfile) -> list[Candidate]:
         out: list[Candidate] = []
+        cloud_ms = self.cloud_ms
         cum_d = [sum(self.device_ms[: k + 1]) for k in range(self.n)]
-        total_c = sum(self.cloud_ms)
+        total_c = sum(cloud_ms)
+        raw_net = _network_ms(self.input_bytes, self.reply_bytes, net)
         for setting in self.settings:
             reach = self._reach(setting)
+            th = tuple(setting.thresholds)
             for s in range(self.n):  # s = n-1 is device-only
                 local = sum((reach[k] - reach[k + 1]) * cum_d[k] for k in range(s + 1))
                 dev = sum(reach[k] * self.device_ms[k] for k in range(s + 1))
+                acc = self._accuracy(setting, s)
                 if s == self.n - 1:
                     out.append(Candidate("device-only", None, None, setting.name, local, dev, 0.0,
-                                         0.0, 0.0, self._accuracy(setting, s)))
+                                         0.0, 0.0, acc, th))
                     continue
                 p = reach[s + 1]
-                tail = sum(self.cloud_ms[s + 1:])
+                tail = sum(cloud_ms[s + 1:])
                 for enc in self.encodings:
                     nbytes = self.manifest.split_points[s].bytes_per_sample[enc]
                     enc_ms = self._codec_ms(self.device.encode_ms, enc, s)
                     dec_ms = self._codec_ms(self.cloud.decode_ms, enc, s)
                     lat = local + p * (cum_d[s] + enc_ms + _network_ms(nbytes, self.reply_bytes, net) + dec_ms + tail)
                     out.append(Candidate("split", s, enc, setting.name, lat, dev + p * enc_ms, p * (dec_ms + tail),
-                                         p * nbytes, p, self._accuracy(setting, s)))
-        in_bytes = self.manifest.input.sample_elements() * 4
-        out.append(Candidate("cloud-only", None, "fp32", NO_EXIT,
-                             _network_ms(in_bytes, self.reply_bytes, net) + total_c, 0.0, total_c, float(in_bytes),
-                             1.0, self.settings[0].final_accuracy))
+                                         p * nbytes, p, acc, th))
+                if p >= 1.0:
+                    continue  # no device exit up to s takes anything: cloud-only without the device work wins
+                lat = local + p * (cum_d[s] + raw_net + total_c)
+                out.append(Candidate("cascade", s, RAW_ENCODING, setting.name, lat, dev, p * total_c,
+                                     p * self.input_bytes, p, acc, th))
+        out.append(Candidate("cloud-only", None, RAW_ENCODING, NO_EXIT, raw_net + total_c, 0.0, total_c,
+                             float(self.input_bytes), 1.0, self.settings[0].final_accuracy))
         return out
 
     def plan(self, net: NetworkProfile, objective: str = "latency") -> Plan:
@@ -211,7 +266,7 @@ class Planner:
             chosen.append(plan.choice.label)
             best: dict[str, float] = {}
             for c in plan.candidates:
-                name = f"split@{c.split}" if c.strategy == "split" else c.strategy
+                name = c.family
                 best[name] = min(best.get(name, float("inf")), c.latency_ms)
             for name, v in best.items():
                 series.setdefault(name, []).append(v)

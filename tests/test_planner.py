@@ -27,16 +27,20 @@ def profile(ms: list[float], enc: dict[str, list[float]] | None = None) -> Laten
     return LatencyProfile("onnxruntime", 1, {1: ms}, encode_ms=enc or {}, decode_ms=enc or {})
 
 
-def brute_force(manifest, dev_ms, cloud_ms, exit_at, net, split, enc):
-    """Mean latency by walking every input: exit_at[i] is the exit input i leaves at if every exit is evaluated."""
+def brute_force(manifest, dev_ms, cloud_ms, exit_at, net, split, enc, cascade=False):
+    """Mean latency by walking every input: exit_at[i] is the exit input i leaves at if every exit is evaluated.
+    A cascade sends an input no device exit took as its raw uint8 input (1 byte per element) to the whole model."""
     n = len(manifest.segments)
+    raw = (net.rtt_ms + manifest.input.sample_elements() * 8 / (net.up_mbit * 1e3) + 40 * 8 / (net.down_mbit * 1e3)
+           + sum(cloud_ms))
     total = 0.0
     for e in exit_at:
         if split is None:  # cloud-only
-            nbytes = manifest.input.sample_elements() * 4
-            total += net.rtt_ms + nbytes * 8 / (net.up_mbit * 1e3) + 40 * 8 / (net.down_mbit * 1e3) + sum(cloud_ms)
+            total += raw
         elif e <= split or split == n - 1:
             total += sum(dev_ms[: min(e, split) + 1])
+        elif cascade:
+            total += sum(dev_ms[: split + 1]) + raw
         else:
             nbytes = manifest.split_points[split].bytes_per_sample[enc]
             total += (sum(dev_ms[: split + 1]) + net.rtt_ms + nbytes * 8 / (net.up_mbit * 1e3)
@@ -59,8 +63,8 @@ def test_matches_brute_force(seed):
     plan = planner.plan(net)
     brute = {}
     for c in plan.candidates:
-        split = {"split": c.split, "device-only": n - 1, "cloud-only": None}[c.strategy]
-        want = brute_force(manifest, dev_ms, cloud_ms, exit_at, net, split, c.encoding)
+        split = {"split": c.split, "cascade": c.split, "device-only": n - 1, "cloud-only": None}[c.strategy]
+        want = brute_force(manifest, dev_ms, cloud_ms, exit_at, net, split, c.encoding, c.strategy == "cascade")
         assert c.latency_ms == pytest.approx(want, rel=1e-9), c.label
         brute[c.label] = want
     assert plan.choice.latency_ms == pytest.approx(min(brute.values()))
@@ -68,7 +72,8 @@ def test_matches_brute_force(seed):
 
 def test_extremes_pick_the_obvious():
     manifest = synthetic(3, [5000, 500])
-    planner = Planner(manifest, profile([10, 10, 30]), profile([0.1, 0.1, 0.1]),
+    # cheap head, heavy last segment: at mid bandwidth the 500-byte int8 boundary beats the 784-byte uint8 input
+    planner = Planner(manifest, profile([1, 1, 30]), profile([0.1, 0.1, 0.1]),
                       settings=[ExitSetting("none", (), (0.0, 0.0))])
     assert planner.plan(NetworkProfile("fast", 1000, 1000, 0.5)).choice.strategy == "cloud-only"
     assert planner.plan(NetworkProfile("slow", 0.01, 0.01, 500)).choice.strategy == "device-only"

@@ -3,7 +3,8 @@
 A single worker thread per model takes the first waiting request, then keeps collecting requests until the
 batch holds ``max_batch_size`` rows or ``max_delay_ms`` has passed since the first one arrived, runs the
 batch once and splits the outputs back by row offsets. While a batch computes, the next one queues up, so
-under load batches fill without waiting for the delay.
+under load batches fill without waiting for the delay. Each caller also learns when its batch started and how
+long the batch ran, so the service can report queue and compute time per request.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ class BatchOptions:
 
 
 @dataclass
+class Batched:
+    """One request's share of a batch run."""
+
+    outputs: dict[str, np.ndarray]  # exactly this request's rows of every output
+    started: float  # time.perf_counter() when its batch started running
+    run_s: float  # the whole batch's run time: shared by every request in the batch, not split between them
+
+
+@dataclass
 class _Item:
     x: np.ndarray
     future: Future
@@ -58,12 +68,14 @@ class DynamicBatcher:
             self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
             self._thread.start()
 
-    def submit(self, x: np.ndarray, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output."""
+    def submit(self, x: np.ndarray, timeout: float | None = None) -> Batched:
+        """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output, with timing."""
         if not self.options.enabled:
             if self._on_batch:
                 self._on_batch(1)
-            return self._run(x)
+            started = time.perf_counter()
+            outputs = self._run(x)
+            return Batched(outputs, started, time.perf_counter() - started)
         if self._closed:
             raise RuntimeError("batcher is closed")
         item = _Item(x, Future())
@@ -118,9 +130,11 @@ class DynamicBatcher:
     def _execute(self, batch: list[_Item]) -> None:
         if self._on_batch:
             self._on_batch(len(batch))
+        started = time.perf_counter()
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
             outputs = self._run(x)
+            run_s = time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - the callers get the error; the worker keeps running
             for it in batch:
                 it.future.set_exception(e)
@@ -128,5 +142,5 @@ class DynamicBatcher:
         start = 0
         for it in batch:
             stop = start + len(it.x)
-            it.future.set_result({k: v[start:stop] for k, v in outputs.items()})
+            it.future.set_result(Batched({k: v[start:stop] for k, v in outputs.items()}, started, run_s))
             start = stop

@@ -2,18 +2,21 @@
 
 Every failure becomes an edgeexit error (``status.error_for``) carrying the server's message, so the device
 runtime decides on fallback by exception type alone: LinkTimeout, PeerUnavailable, InvalidTensor, OffloadError.
+A successful call returns an ``Offload``: the outputs (it reads as their mapping) and the time the server says
+it spent (``edgeexit.queue_us`` / ``edgeexit.compute_us``), None when the server does not report it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor, OffloadError
 from edgeexit.runtime.codec import WireTensor
-from edgeexit.runtime.oip_messages import outputs_from_pb, params_to_pb
+from edgeexit.runtime.oip_messages import ParamValue, ServerTiming, outputs_from_pb, params_from_pb, params_to_pb
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
 from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
 from edgeexit.runtime.security import bearer_metadata, channel_credentials
@@ -27,6 +30,25 @@ class ClientOptions:
     tls_key: str | None = None
     token: str | None = None  # sent as `authorization: Bearer <token>`
     max_message_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Offload(Mapping[str, np.ndarray]):
+    """A cloud answer: output name -> float32 array, and the server's own timing when it reports it."""
+
+    outputs: dict[str, np.ndarray]
+    server: ServerTiming | None = None  # None: an older server (or another OIP server) sent no timing
+    params: dict[str, ParamValue] = field(default_factory=dict)  # every response parameter, as sent
+
+    # Reads as the outputs' mapping, so callers that only want tensors index it directly.
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
 
 
 class InferenceClient:
@@ -54,8 +76,8 @@ class InferenceClient:
         self._metadata = bearer_metadata(o.token)
 
     def infer(self, model: str, input_name: str, tensor: WireTensor, *, timeout: float,
-              request_id: str = "") -> dict[str, np.ndarray]:
-        """Send one tensor; return output name -> float32 array. Raises edgeexit errors (see module doc)."""
+              request_id: str = "") -> Offload:
+        """Send one tensor; return its outputs as float32 with the server's timing. Raises edgeexit errors."""
         req = pb.ModelInferRequest(model_name=model, id=request_id)
         req.inputs.add(name=input_name, datatype=tensor.datatype, shape=list(tensor.shape))
         req.raw_input_contents.append(bytes(tensor.data))
@@ -65,9 +87,11 @@ class InferenceClient:
         except grpc.RpcError as e:
             raise error_for(e.code(), e.details() or "") from None
         try:
-            return {k: v.astype(np.float32, copy=False) for k, v in outputs_from_pb(resp).items()}
+            outputs = {k: v.astype(np.float32, copy=False) for k, v in outputs_from_pb(resp).items()}
         except InvalidTensor as e:
             raise OffloadError(f"the cloud sent a malformed response: {e}") from e
+        params = params_from_pb(resp.parameters)
+        return Offload(outputs, ServerTiming.from_params(params), params)
 
     def ready(self, timeout: float = 1.0) -> bool:
         """ServerReady; False on any failure (unreachable, refused, timeout)."""

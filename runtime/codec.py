@@ -1,8 +1,11 @@
-"""The one wire codec for boundary tensors: fp32, fp16 or int8 (per-tensor affine), optionally zstd.
+"""The one wire codec: boundary tensors as fp32, fp16 or int8 (per-tensor affine), raw pixels as uint8;
+optionally zstd.
 
-A tensor travels as Open Inference Protocol ``raw_input_contents`` with datatype FP32/FP16/INT8; how to read
-the bytes back is in the request's parameters (keys below), so an unmodified Triton client can still send
-plain FP32. Decoding checks everything a hostile or broken peer could get wrong and raises InvalidTensor.
+A tensor travels as Open Inference Protocol ``raw_input_contents`` with datatype FP32/FP16/INT8/UINT8; how to
+read the bytes back is in the request's parameters (keys below), so an unmodified Triton client can still send
+plain FP32. UINT8 is only for the raw input of the whole model: value k means the pixel k/255 (``encode_input``
+picks it when that is lossless). Decoding checks everything a hostile or broken peer could get wrong and
+raises InvalidTensor.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from edgeexit.errors import InvalidTensor
 
 ENCODINGS = ("fp32", "fp16", "int8")
 DATATYPES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
-NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8}
+NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8, "UINT8": np.uint8}
+PIXELS = "UINT8"  # raw [0, 1] pixels, 1 byte each: k on the wire means k/255
+_PIXEL_LEVELS = np.float32(255.0)
+# How far from a level k/255 (in units of one level) a pixel may be and still travel as UINT8: float32
+# arithmetic puts a k/255 computed another way (e.g. k * (1/255), or in float64 then cast) within ~1e-4.
+_PIXEL_SNAP = 1e-3
 # Request parameters that describe an encoded tensor.
 P_SCALE = "edgeexit.scale"
 P_ZERO = "edgeexit.zero_point"
@@ -25,7 +33,7 @@ P_COMPRESSION = "edgeexit.compression"
 @dataclass
 class WireTensor:
     data: bytes
-    datatype: str  # FP32 | FP16 | INT8
+    datatype: str  # FP32 | FP16 | INT8 | UINT8 (raw pixels)
     shape: list[int]
     params: dict[str, str | float | int] = field(default_factory=dict)
 
@@ -59,12 +67,48 @@ def encode(x: np.ndarray, encoding: str = "fp32", quant: dict[str, float] | None
         raw = q.tobytes()
         params[P_SCALE] = float(quant["scale"])
         params[P_ZERO] = int(quant["zero_point"])
-    if compress:
-        import zstandard
-
-        raw = zstandard.ZstdCompressor(level=level).compress(raw)
-        params[P_COMPRESSION] = "zstd"
+    raw = _maybe_compress(raw, compress, level, params)
     return WireTensor(raw, DATATYPES[encoding], list(x.shape), params)
+
+
+def _maybe_compress(raw: bytes, compress: bool, level: int, params: dict[str, str | float | int]) -> bytes:
+    if not compress:
+        return raw
+    import zstandard
+
+    params[P_COMPRESSION] = "zstd"
+    return zstandard.ZstdCompressor(level=level).compress(raw)
+
+
+def pixel_levels(x: np.ndarray) -> np.ndarray | None:
+    """``x`` as uint8 levels k (x = k/255) when every value is within 1/1000 of a level, else None.
+
+    The snap absorbs float32 noise (k/255 computed as ``k * (1/255)`` lands within ~1e-4 of a level); it moves
+    a value by less than 4e-6. NaN, inf and values off the grid (e.g. a bilinear resize done in float) or
+    outside [0, 1] give None: they are never rounded behind the caller's back.
+    """
+    levels = np.asarray(x, np.float32) * _PIXEL_LEVELS
+    if not np.isfinite(levels).all():
+        return None
+    q = np.rint(levels)
+    if not ((np.abs(levels - q) <= _PIXEL_SNAP).all() and (q >= 0).all() and (q <= 255).all()):
+        return None
+    return q.astype(np.uint8)
+
+
+def encode_input(x: np.ndarray, fallback: str = "fp32", compress: bool = False) -> WireTensor:
+    """Encode raw [0, 1] pixels for the whole model ``<model>``: UINT8 (1 byte each) when ``pixel_levels``
+    says that is lossless (the server's float32 ``k / 255`` is exactly the float32 of k/255, what our data sets
+    and 8-bit cameras give), else in ``fallback`` (fp32, or fp16 when asked for). Quantise off-grid inputs
+    yourself (``np.rint(x * 255) / 255``) to get the 4x smaller request.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q = pixel_levels(x)
+    if q is None:
+        return encode(x, "fp16" if fallback == "fp16" else "fp32", compress=compress)
+    params: dict[str, str | float | int] = {}
+    raw = _maybe_compress(q.tobytes(), compress, 3, params)
+    return WireTensor(raw, PIXELS, list(x.shape), params)
 
 
 def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str | float | int] | None = None,
@@ -72,7 +116,8 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
     """Decode wire bytes back to float32, validating dtype, byte count, quantisation and finiteness."""
     params = params or {}
     if datatype not in NUMPY:
-        raise InvalidTensor(f"datatype {datatype!r} is not a boundary encoding; send one of {sorted(NUMPY)}")
+        raise InvalidTensor(f"datatype {datatype!r} is not a boundary encoding; send one of {sorted(NUMPY)} "
+                            f"({PIXELS} only as the whole model's raw input)")
     if any(int(d) < 0 for d in shape):
         raise InvalidTensor(f"shape {list(shape)} has a negative dimension")
     dtype = NUMPY[datatype]
@@ -104,6 +149,8 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
         if not np.isfinite(scale) or scale <= 0:
             raise InvalidTensor(f"{P_SCALE} must be a positive finite number, got {scale}")
         return ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+    if datatype == PIXELS:
+        return arr.astype(np.float32) / _PIXEL_LEVELS  # float32 division: exactly the float32 of k/255
     out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         raise InvalidTensor("tensor contains NaN or inf; check the device side's computation")
@@ -112,4 +159,4 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
 
 def encoded_bytes(elements: int, encoding: str) -> int:
     """Uncompressed bytes of ``elements`` values in an encoding (the manifest's bytes per split point)."""
-    return elements * {"fp32": 4, "fp16": 2, "int8": 1}[encoding]
+    return elements * {"fp32": 4, "fp16": 2, "int8": 1, "uint8": 1}[encoding]

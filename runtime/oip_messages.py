@@ -30,6 +30,35 @@ _CONTENTS_FIELD = {
 }
 
 
+# Response parameters with the server's own time for a request, int64 microseconds (KServe's InferParameter
+# has no double): queue = arrival at the model until its batch starts running; compute = the batch's run time.
+P_QUEUE_US = "edgeexit.queue_us"
+P_COMPUTE_US = "edgeexit.compute_us"
+
+
+@dataclass(frozen=True)
+class ServerTiming:
+    """How long the server spent on a request, as it reports it (see P_QUEUE_US / P_COMPUTE_US)."""
+
+    queue_us: int
+    compute_us: int
+
+    @property
+    def total_s(self) -> float:
+        return (self.queue_us + self.compute_us) / 1e6
+
+    def params(self) -> dict[str, ParamValue]:
+        return {P_QUEUE_US: int(self.queue_us), P_COMPUTE_US: int(self.compute_us)}
+
+    @staticmethod
+    def from_params(params: dict[str, ParamValue]) -> ServerTiming | None:
+        """The timing in response parameters; None when the server did not send both (e.g. an older one)."""
+        q, c = params.get(P_QUEUE_US), params.get(P_COMPUTE_US)
+        # bool is an int in Python; a flag is not a time. Negative times come only from a broken server.
+        ints = [v for v in (q, c) if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+        return ServerTiming(int(q), int(c)) if len(ints) == 2 else None
+
+
 @dataclass
 class TensorMeta:
     name: str

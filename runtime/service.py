@@ -1,13 +1,22 @@
 """The cloud offload service: a bundle's whole model and every tail, as OIP v2 handlers with dynamic batching.
 
-Model names: ``<model>`` takes the raw input (``input``, FP32, the runtime applies the bundle's normalisation
-like the device does) and returns every exit; ``<model>@<s>`` takes ``boundary{s}`` encoded per
+Model names: ``<model>`` takes the raw input (``input``: FP32 pixels in [0, 1], or UINT8 where k means k/255,
+1 byte per pixel, which the device sends for cloud-only; the runtime applies the bundle's normalisation like
+the device does) and returns every exit; ``<model>@<s>`` takes ``boundary{s}`` encoded per
 ``runtime/codec.py`` (FP32, FP16 or INT8 with ``edgeexit.scale``/``edgeexit.zero_point``, optionally zstd;
 parameters in the request or on the tensor) and returns the exits of segments ``s+1..``, FP32.
+ModelMetadata lists one datatype per input (the protocol has room for one): FP32, which every client can send;
+UINT8 on ``<model>`` is the documented alternative.
+
+Every response carries the server's own time as int64 microsecond parameters: ``edgeexit.queue_us`` (from the
+handler receiving the request, its tensor decoding included, until its batch starts running) and
+``edgeexit.compute_us`` (that batch's run time, shared by every request batched with it), so the device can
+tell a slow link from a busy server.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +27,7 @@ from edgeexit.errors import InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
 from edgeexit.runtime.metrics import ServerMetrics
-from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
+from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, ServerTiming, TensorMeta
 from edgeexit.runtime.runner import SegmentRunner, check_tensor
 
 
@@ -28,6 +37,10 @@ class ServiceOptions:
     threads: int = 1  # intra-op threads per segment session
     batching: BatchOptions = field(default_factory=BatchOptions)
     fmt: str | None = None  # exported variant, e.g. "tflite-int8-static"; None = the backend's fp32 format
+
+
+def _us(seconds: float) -> int:
+    return max(0, round(seconds * 1e6))
 
 
 def _meta_shape(shape: list[int | str]) -> list[int]:
@@ -65,6 +78,9 @@ class TailHandler:
         (name, t), = request.inputs.items()
         if name != self.input_spec.name:
             raise InvalidTensor(f"{self.name} takes input {self.input_spec.name!r}, not {name!r}")
+        if t.datatype == codec.PIXELS and self.start != 0:
+            raise InvalidTensor(f"{self.name}: {codec.PIXELS} is only for raw pixels sent to "
+                                f"{self.runner.manifest.name!r}; send the boundary tensor as FP32, FP16 or INT8")
         try:
             x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
         except (ValueError, TypeError) as e:  # e.g. a scale or zero point that is not a number
@@ -76,7 +92,10 @@ class TailHandler:
         return x
 
     def infer(self, request: InferRequest) -> InferResponse:
-        return InferResponse(self.batcher.submit(self.decode(request)))
+        arrived = time.perf_counter()
+        done = self.batcher.submit(self.decode(request))
+        timing = ServerTiming(queue_us=_us(done.started - arrived), compute_us=_us(done.run_s))
+        return InferResponse(done.outputs, timing.params())
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.start == 0:

@@ -8,9 +8,11 @@ An app on the device calls it with an unmodified tritonclient (model ``<model>``
     exit           INT32 [B]      index of the exit head that answered
     decided        INT32 [B]      where: 0 = device (early exit), 1 = cloud, 2 = device-fallback
 
-Response parameters add the batch's latency breakdown (``edgeexit.device_ms`` ...), ``edgeexit.bytes_sent``,
-``edgeexit.split`` and, after a fallback, ``edgeexit.fallback``. Logs are one JSON object per line on stderr
-(events: start, ready, fallback, circuit, stop); Prometheus metrics share the server's registry.
+Response parameters add the batch's latency breakdown as int64 microseconds (``edgeexit.device_us``,
+``encode_us``, ``network_us``, ``total_us``, and ``cloud_us`` when the cloud reported its time),
+``edgeexit.bytes_sent``, ``edgeexit.split`` and, after a fallback, ``edgeexit.fallback``. Logs are one JSON
+object per line on stderr (events: start, ready, fallback, circuit, stop); Prometheus metrics share the server's
+registry.
 Never imports torch.
 """
 
@@ -99,9 +101,12 @@ class AgentHandler:
         lat = res.latency
         params: dict[str, Any] = {
             "edgeexit.split": str(res.split), "edgeexit.bytes_sent": int(res.bytes_sent),
-            "edgeexit.device_ms": lat.device_ms, "edgeexit.encode_ms": lat.encode_ms,
-            "edgeexit.network_ms": lat.network_ms, "edgeexit.total_ms": lat.total_ms,
+            # Times as int64 microseconds: KServe's InferParameter has no double (its client drops them).
+            "edgeexit.device_us": _us(lat.device_ms), "edgeexit.encode_us": _us(lat.encode_ms),
+            "edgeexit.network_us": _us(lat.network_ms), "edgeexit.total_us": _us(lat.total_ms),
         }
+        if lat.cloud_ms is not None:  # the cloud's own queue + compute, when it reported them
+            params["edgeexit.cloud_us"] = _us(lat.cloud_ms)
         if res.fallback_reason:
             params["edgeexit.fallback"] = res.fallback_reason
         self._observe(res)
@@ -123,6 +128,10 @@ class AgentHandler:
 
     def close(self) -> None:
         self.runtime.close()
+
+
+def _us(ms: float) -> int:
+    return round(ms * 1000.0)
 
 
 @dataclass

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import ConfigError
+from edgeexit.profiles import NetworkProfile
 from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch
 from edgeexit.testbed.netsim import LinkConditions, Relay
-from edgeexit.profiles import NetworkProfile
 
 CALIBRATED = None  # Strategy.policy: the bundle's calibrated policy (the agent's default)
 _METRIC_SUM = re.compile(r'^edgeexit_request_seconds_sum\{model="([^"]+)"\} (\S+)$', re.M)
@@ -110,7 +110,7 @@ class Sample:
     bytes_sent: int
     wall_ms: float  # what the app saw
     device_ms: float  # agent compute incl. encoding (emulated when a device class is set)
-    network_ms: float  # offload call time as the agent saw it (cloud compute included)
+    network_ms: float  # offload call time as the agent saw it, minus the cloud's own time when it reports it
     cloud_ms: float  # service compute from its metrics (0 when not offloaded)
     fallback: bool
 
@@ -251,8 +251,9 @@ class Testbed:
             strategy=strategy.name, condition=condition.name, index=index, label=int(ans.labels[0]),
             truth=int(truth), exit=int(ans.exits[0]), decided=ans.decided[0], split=str(p.get("edgeexit.split")),
             bytes_sent=int(p.get("edgeexit.bytes_sent", 0)), wall_ms=ans.seconds * 1e3,
-            device_ms=float(p.get("edgeexit.device_ms", 0.0)) + float(p.get("edgeexit.encode_ms", 0.0)),
-            network_ms=float(p.get("edgeexit.network_ms", 0.0)), cloud_ms=cloud_ms if offloaded else 0.0,
+            # The agent reports int64 microseconds (edgeexit.device_us, ...).
+            device_ms=(int(p.get("edgeexit.device_us", 0)) + int(p.get("edgeexit.encode_us", 0))) / 1e3,
+            network_ms=int(p.get("edgeexit.network_us", 0)) / 1e3, cloud_ms=cloud_ms if offloaded else 0.0,
             fallback="edgeexit.fallback" in p,
         )
 

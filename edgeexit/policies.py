@@ -59,6 +59,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis as float32, computed in float64 via ``log_softmax`` (the one softmax:
+    the device runtime's cloud answers and fallbacks use it too)."""
+    return np.exp(log_softmax(logits)).astype(np.float32)
+
+
 def check_logits(logits: np.ndarray, j: int, batch: int | None = None) -> None:
     """Raise InvalidTensor unless ``logits`` is a finite [B, C] array."""
     if not isinstance(logits, np.ndarray) or logits.ndim != 2 or logits.shape[1] < 1:

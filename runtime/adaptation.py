@@ -1,6 +1,8 @@
 """Online choice of the split point while the agent runs (torch-free).
 
-Two adapters, one interface (``choose()`` before a request, ``observe()`` after it):
+Every adapter implements :class:`Adapter`: ``choose()`` before a request, ``observe()`` after it,
+``probe_due()``/``probe_split()`` to ask for a background probe of the link, and ``expected_cloud_s()`` so the
+runtime can tell the link's share of an offload from the cloud's. Two adapters:
 
 - :class:`PlannerAdapter` (``--adapt planner``, the default behind ``--split auto``): the planner's choice
   for the link as currently estimated from real offloads (:class:`LinkStats`). It re-plans only when the
@@ -9,7 +11,11 @@ Two adapters, one interface (``choose()`` before a request, ``observe()`` after 
   occasional small probe offload (``probe_due()``) and notices when the link is good again.
 - :class:`BanditAdapter` (``--adapt bandit``): SplitEE-style UCB1 over split points, needing no network
   model. Reward of a request at split ``s``: the confidence of the answer minus ``mu`` times its cost, where
-  cost is device time (plus offload time when offloaded) relative to the device-only time.
+  cost is device time (plus offload time when offloaded) relative to the device-only time. It explores every
+  arm by itself (the device arm included), so it never asks for probes.
+
+The link samples, the warm-up round trip and the probes themselves live in ``runtime/link_monitor.py``; static
+split values (``--split N``, ``--adapt off``) in ``runtime/splits.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,15 +32,22 @@ from edgeexit.bundle import Manifest
 from edgeexit.errors import ConfigError
 from edgeexit.planner import Candidate, Planner
 from edgeexit.profiles import NetworkProfile
+from edgeexit.runtime import codec
 from edgeexit.runtime.link_stats import LinkStats
+from edgeexit.runtime.splits import CLOUD_SPLIT, DEVICE_SPLIT, Split, cheapest_split, first_cloud_segment
 
 ADAPT_MODES = ("planner", "bandit", "off")
-SPLIT_WORDS = ("auto", "device", "cloud")
 
 
 @dataclass
 class AdaptOptions:
+    """How ``--split auto`` adapts, and what the planner assumes until it has measured anything."""
+
     mode: str = "planner"
+    network: str = "wifi"  # the planner's prior for the link (a profile name or TOML path) until offloads measure it
+    # EMULATION: device compute is stretched to this many times its measured time; the device profile alike.
+    slowdown: float = 1.0
+    encoding: str = "fp32"  # the boundary encoding offloads use (so the planner prices that one)
     hysteresis: float = 0.35  # re-plan when bandwidth moves beyond x(1 +- h) of what the plan assumed
     probe_interval_s: float = 0.5  # while device-only, probe the link at most this often ...
     max_probe_interval_s: float = 4.0  # ... backing off (x2 per probe) while probes leave the plan unchanged
@@ -42,53 +55,52 @@ class AdaptOptions:
     mu: float = 0.5  # bandit: weight of cost against confidence
     seed: int = 0
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.mode not in ADAPT_MODES:
             raise ConfigError(f"adapt mode {self.mode!r}: choose one of {ADAPT_MODES}")
+        if not self.slowdown >= 1.0:  # also refuses NaN
+            raise ConfigError(f"slowdown {self.slowdown} emulates a slower device: it must be >= 1")
+        if self.encoding not in codec.ENCODINGS:
+            raise ConfigError(f"encoding {self.encoding!r}: choose one of {codec.ENCODINGS}")
         if not 0 < self.hysteresis < 10:
-            raise ConfigError("hysteresis must be in (0, 10)")
+            raise ConfigError(f"hysteresis {self.hysteresis} must be in (0, 10)")
+        if not 0 < self.probe_interval_s <= self.max_probe_interval_s:
+            raise ConfigError("probe intervals: need 0 < probe_interval_s <= max_probe_interval_s, got "
+                              f"{self.probe_interval_s} and {self.max_probe_interval_s}")
+        if self.min_samples < 1 or not self.mu >= 0:
+            raise ConfigError(f"min_samples must be >= 1 and mu >= 0, got {self.min_samples} and {self.mu}")
 
 
-def auto_split(manifest: Manifest) -> int:
-    """`--adapt off`: the cheapest fp32 boundary among the first half of the network (no measurements)."""
-    half = max(1, len(manifest.segments) // 2)
-    candidates = manifest.split_points[:half]
-    if not candidates:
-        raise ConfigError("the bundle has a single segment: there is no split point; use --split device or cloud")
+class Adapter(Protocol):
+    """What DeviceRuntime needs from an online split chooser."""
 
-    def fp32_bytes(p: Any) -> int:
-        return int(p.bytes_per_sample.get("fp32", p.tensor.sample_elements() * 4))
+    def choose(self) -> Split:
+        """The split for the next request: a split point, "device" or "cloud"."""
+        ...
 
-    return min(candidates, key=lambda p: (fp32_bytes(p), p.index)).index
+    def observe(self, split: Split, result: Any) -> None:
+        """Learn from a finished request that ran at ``split`` (a runtime.device.Result)."""
+        ...
 
+    def probe_due(self) -> bool:
+        """True when the runtime should send a background probe now (the choices send nothing to measure)."""
+        ...
 
-def resolve_split(manifest: Manifest, split: int | str, has_cloud: bool) -> int | str:
-    """An int split point, "device" or "cloud"; validated against the bundle."""
-    if isinstance(split, str) and split not in SPLIT_WORDS:
-        try:
-            split = int(split)
-        except ValueError:
-            raise ConfigError(f"split {split!r} is not a number or one of {SPLIT_WORDS}") from None
-    if not has_cloud:
-        if split == "cloud":
-            raise ConfigError("split 'cloud' sends every input to the cloud: give the address (--cloud HOST:PORT)")
-        return "device"
-    if split == "auto":
-        return auto_split(manifest)
-    if isinstance(split, int):
-        last = len(manifest.split_points) - 1
-        if not 0 <= split <= last:
-            raise ConfigError(f"split {split} is outside this bundle's split points 0..{last}; "
-                              "use 'device' to run everything locally")
-    return split
+    def probe_split(self) -> int:
+        """The split point whose boundary a probe sends."""
+        ...
+
+    def expected_cloud_s(self, split: Split, rows: int) -> float:
+        """Expected cloud compute for ``rows`` rows offloaded at ``split`` (0 when the adapter cannot say)."""
+        ...
 
 
-def candidate_split(c: Candidate) -> int | str:
+def candidate_split(c: Candidate) -> Split:
     """The DeviceRuntime split value of a planner candidate."""
     if c.strategy == "device-only":
-        return "device"
+        return DEVICE_SPLIT
     if c.strategy == "cloud-only":
-        return "cloud"
+        return CLOUD_SPLIT
     return int(c.split)
 
 
@@ -106,10 +118,15 @@ class PlannerAdapter:
         self.choice = planner.plan(network).choice
         self._last_probe = clock()
         self._probe_interval = self.options.probe_interval_s
+        # A bundle without split points has no boundary to probe with; its plans are device- or cloud-only.
+        self._probe_split = cheapest_split(planner.manifest) if planner.manifest.split_points else None
         self.replans = 0
-        self.history: list[tuple[float, str]] = [(network.up_mbit, self.choice.label)]
 
-    def choose(self) -> Candidate:
+    def choose(self) -> Split:
+        return candidate_split(self.plan())
+
+    def plan(self) -> Candidate:
+        """The current choice, re-planned first when the measured bandwidth left the hysteresis band."""
         with self._lock:
             est = self.link.estimate()
             if est.bandwidth_bps is None or est.samples < self.options.min_samples:
@@ -125,12 +142,11 @@ class PlannerAdapter:
                 self._probe_interval = self.options.probe_interval_s  # the link moves: watch it closely again
             self.choice = new
             self.replans += 1
-            self.history.append((bw, self.choice.label))
             return self.choice
 
     def probe_due(self) -> bool:
         """True (at most once per interval) when the current choice sends nothing, so a probe should."""
-        if self.choice.offload_fraction > 0 and self.choice.strategy != "device-only":
+        if self._probe_split is None or (self.choice.offload_fraction > 0 and self.choice.strategy != "device-only"):
             return False
         now = self._clock()
         with self._lock:
@@ -142,27 +158,36 @@ class PlannerAdapter:
 
     def probe_split(self) -> int:
         """The split point whose boundary a probe sends: the fewest bytes, so a probe is cheap."""
-        pts = self.planner.manifest.split_points
-        return min(pts, key=lambda p: (p.bytes_per_sample["fp32"], p.index)).index
+        if self._probe_split is None:
+            raise ConfigError("this bundle has no split point to probe with")
+        return self._probe_split
 
-    def observe(self, split: int | str, result: Any) -> None:
+    def observe(self, split: Split, result: Any) -> None:
         """Nothing to learn beyond the link samples the runtime records."""
+
+    def expected_cloud_s(self, split: Split, rows: int) -> float:
+        if split == DEVICE_SPLIT:
+            return 0.0
+        return rows * sum(self.planner.cloud_ms[first_cloud_segment(split):]) / 1000.0
 
 
 class BanditAdapter:
-    """UCB1 over the device's split choices (SplitEE-style reward)."""
+    """UCB1 over the device's split choices (SplitEE-style reward).
+
+    Its arms are every split point and "device". It tries each arm once, then keeps exploring by UCB, so it
+    needs no probes (``probe_due()`` is always False) and no network model.
+    """
 
     def __init__(self, num_split_points: int, device_ms: list[float], options: AdaptOptions | None = None):
         self.options = options or AdaptOptions(mode="bandit")
-        # arms: every split point, then device-only
-        self.arms: list[int | str] = list(range(num_split_points)) + ["device"]
+        self.arms: list[Split] = [*range(num_split_points), DEVICE_SPLIT]
         self.device_only_ms = max(sum(device_ms), 1e-6)
         self.counts = np.zeros(len(self.arms))
         self.rewards = np.zeros(len(self.arms))
         self.t = 0
         self._lock = threading.Lock()
 
-    def choose(self) -> int | str:
+    def choose(self) -> Split:
         with self._lock:
             self.t += 1
             untried = np.flatnonzero(self.counts == 0)
@@ -173,7 +198,7 @@ class BanditAdapter:
                 arm = int(np.argmax(ucb))
             return self.arms[arm]
 
-    def observe(self, split: int | str, result: Any) -> None:
+    def observe(self, split: Split, result: Any) -> None:
         """Reward from a finished request's Result (confidence, device time, network time)."""
         arm = self.arms.index(split)
         conf = float(np.mean(result.probabilities.max(axis=1)))
@@ -184,33 +209,35 @@ class BanditAdapter:
             self.counts[arm] += 1
             self.rewards[arm] += reward
 
-    def best(self) -> int | str:
+    def probe_due(self) -> bool:
+        """Never: the bandit measures every arm, offloading ones included, by choosing it now and then."""
+        return False
+
+    def probe_split(self) -> int:
+        return 0  # unused (no probes); the Adapter protocol asks for a valid split point
+
+    def expected_cloud_s(self, split: Split, rows: int) -> float:
+        """0: the bandit has no cloud profile (its link samples then include the cloud's compute)."""
+        return 0.0
+
+    def best(self) -> Split:
         with self._lock:
             means = np.where(self.counts > 0, self.rewards / np.maximum(self.counts, 1), -np.inf)
             return self.arms[int(np.argmax(means))]
 
 
-def next_split(adapter: PlannerAdapter | BanditAdapter) -> int | str:
-    """The split value (int, "device" or "cloud") the adapter wants for the next request."""
-    if isinstance(adapter, PlannerAdapter):
-        return candidate_split(adapter.choose())
-    return adapter.choose()
-
-
-def build_adapter(manifest: Any, runner: Any, options: AdaptOptions, network: str, slowdown: float,
-                  encoding: str, link: LinkStats) -> PlannerAdapter | BanditAdapter:
+def build_adapter(manifest: Manifest, runner: Any, options: AdaptOptions, link: LinkStats) -> Adapter:
     """An adapter for a device runtime: profiles from the bundle when stored, else measured here now."""
     from edgeexit.profiles import DeviceClass, LatencyProfile, load_network
     from edgeexit.runtime.profiling import measure_profile
 
-    options.check()
     stored = manifest.profiles
     host = (LatencyProfile.from_dict(stored["device"]) if "device" in stored
             else measure_profile(runner, repeats=10, warmup=2))
-    device = host.scaled(DeviceClass("emulated", slowdown)) if slowdown != 1.0 else host
+    device = host.scaled(DeviceClass("emulated", options.slowdown)) if options.slowdown != 1.0 else host
     if options.mode == "bandit":
         return BanditAdapter(len(manifest.split_points), device.per_sample_ms(), options)
     # Without a stored cloud profile, assume the cloud is as fast as this host (a conservative guess).
     cloud = LatencyProfile.from_dict(stored["cloud"]) if "cloud" in stored else host
-    planner = Planner(manifest, device, cloud, encodings=(encoding,))
-    return PlannerAdapter(planner, load_network(network), link, options)
+    planner = Planner(manifest, device, cloud, encodings=(options.encoding,))
+    return PlannerAdapter(planner, load_network(options.network), link, options)

@@ -8,12 +8,15 @@ Torch-free (numpy + a backend + gRPC). One ``infer(x)`` call for a batch:
 3. on a timeout, an unreachable service, an open circuit or a rejected tensor, fall back
    (``"device-fallback"``): the most confident exit computed so far (``best-exit``) or the remaining segments
    run locally (``finish-local``). Every row always gets an answer.
+
+Those are its three jobs (check the input, run the local exit loop, offload with fallback). Choosing the split
+per request is an :class:`~edgeexit.runtime.adaptation.Adapter`'s; what is known about the link is a
+:class:`~edgeexit.runtime.link_monitor.LinkMonitor`'s; fixed split values are resolved in ``splits.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,17 +28,18 @@ import numpy as np
 
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
+from edgeexit.policies import softmax
 from edgeexit.runtime import codec
-from edgeexit.runtime.adaptation import AdaptOptions, build_adapter, next_split, resolve_split
+from edgeexit.runtime.adaptation import Adapter, AdaptOptions, build_adapter
 from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
+from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
+from edgeexit.runtime.link_monitor import LinkMonitor
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.runtime.splits import Split, cloud_model, first_cloud_segment, parse_split, resolve_split
 
 log = logging.getLogger("edgeexit.device")
 
-DEVICE, CLOUD, FALLBACK = "device", "cloud", "device-fallback"
-# Integer codes for `decided` on the wire (agent output `decided`, INT32).
-DECIDED_CODES = {DEVICE: 0, CLOUD: 1, FALLBACK: 2}
 ON_FAILURE = ("best-exit", "finish-local")
 
 
@@ -74,6 +78,20 @@ class DeviceOptions:
     retry: RetryOptions = field(default_factory=RetryOptions)
     breaker: BreakerOptions = field(default_factory=BreakerOptions)
 
+    def __post_init__(self) -> None:
+        if self.on_failure not in ON_FAILURE:
+            raise ConfigError(f"on_failure {self.on_failure!r}: choose one of {ON_FAILURE}")
+        if not self.deadline_ms > 0:  # also refuses NaN
+            raise ConfigError(f"deadline_ms must be positive, got {self.deadline_ms}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        self.split = parse_split(self.split)
+        self.adapt_options()  # checks adapt, slowdown and encoding, which the adapter shares
+
+    def adapt_options(self) -> AdaptOptions:
+        """What the adapter behind ``split="auto"`` needs from these options."""
+        return AdaptOptions(mode=self.adapt, network=self.network, slowdown=self.slowdown, encoding=self.encoding)
+
 
 @dataclass
 class Latency:
@@ -97,13 +115,7 @@ class Result:
 
     @property
     def decided_codes(self) -> np.ndarray:
-        return np.array([DECIDED_CODES[d] for d in self.decided], np.int32)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return to_codes(self.decided)
 
 
 class _Pending:
@@ -136,30 +148,15 @@ class DeviceRuntime:
     def __init__(self, bundle: Bundle | str | Path, options: DeviceOptions | None = None, *,
                  client: CloudClient | None = None, clock: Any = time.monotonic,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None):
-        self.options = options or DeviceOptions()
-        o = self.options
-        if o.on_failure not in ON_FAILURE:
-            raise ConfigError(f"on_failure {o.on_failure!r}: choose one of {ON_FAILURE}")
-        if o.encoding not in codec.ENCODINGS:
-            raise ConfigError(f"encoding {o.encoding!r}: choose one of {codec.ENCODINGS}")
-        if o.deadline_ms <= 0:
-            raise ConfigError("deadline_ms must be positive")
-        if o.slowdown < 1.0:
-            raise ConfigError("slowdown emulates a slower device: it must be >= 1")
+        self.options = o = options or DeviceOptions()  # the options checked themselves when made
         self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads, fmt=o.fmt)
         self.manifest = self.runner.manifest
         has_cloud = client is not None or o.cloud is not None
         adaptive = o.split == "auto" and has_cloud and o.adapt != "off"
-        self.split = resolve_split(self.manifest, "device" if adaptive else o.split, has_cloud)
         self.policy = _resolve_policy(self.manifest, o.policy)
-        self.link = LinkStats()
-        self.adapter = None
-        if adaptive:
-            self.adapter = build_adapter(self.manifest, self.runner, AdaptOptions(mode=o.adapt), o.network,
-                                         o.slowdown, o.encoding, self.link)
-            self.split = next_split(self.adapter)
-        self._quant = {s: self._wire_quant(s) for s in self._possible_splits()}
-        self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
+        # A fixed split is resolved (and refused) here; "auto" with an adapter is the adapter's choice below.
+        self.split: Split = "auto" if adaptive else resolve_split(self.manifest, o.split, has_cloud)
+        self._quant = {s: self._wire_quant(s, adaptive) for s in self._possible_splits(adaptive)}
         self._clock = clock
         # With one backend thread the segment runs on the calling thread, so its CPU time is measurable;
         # with more, fall back to wall time.
@@ -170,12 +167,16 @@ class DeviceRuntime:
             from edgeexit.runtime.client import InferenceClient
 
             self._client = InferenceClient(o.cloud, o.client)
+        self.monitor = LinkMonitor(self._client, self.manifest.name, clock, self._emit)
+        self.adapter: Adapter | None = None
+        if adaptive:
+            self.adapter = build_adapter(self.manifest, self.runner, o.adapt_options(), self.monitor.stats)
+            self.split = self.adapter.choose()
+        self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
         for k in self._segments_to_open():
             self.runner.session(k)  # open now: no first-request stall, and no lazy-open race across threads
         if self.adapter is not None:
-            # Connect now and time an empty round trip: otherwise the first offload pays connection set-up
-            # and the link looks slow to the planner.
-            threading.Thread(target=self._warm_up, name="edgeexit-warm-up", daemon=True).start()
+            self.monitor.warm_up()
 
     # -- public -------------------------------------------------------------------------------------------
     @property
@@ -188,12 +189,12 @@ class DeviceRuntime:
 
     @property
     def cloud_model(self) -> str | None:
-        return self._cloud_model(self.split)
+        return cloud_model(self.manifest.name, self.split)
 
-    def _cloud_model(self, split: int | str) -> str | None:
-        if split == "device":
-            return None
-        return self.manifest.name if split == "cloud" else f"{self.manifest.name}@{split}"
+    @property
+    def link(self) -> LinkStats:
+        """The link samples so far (the monitor's)."""
+        return self.monitor.stats
 
     def infer(self, x: np.ndarray) -> Result:
         """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
@@ -201,7 +202,7 @@ class DeviceRuntime:
         deadline = start + self.options.deadline_ms / 1000.0
         x = self._check_input(x)
         # One split per request: concurrent requests never see a split change half-way.
-        split = self.split = next_split(self.adapter) if self.adapter is not None else self.split
+        split = self.split = self.adapter.choose() if self.adapter is not None else self.split
         lat = Latency()
         pend = _Pending(len(x), self.num_classes)
         last_local = {"device": self.runner.num_segments - 1, "cloud": -1}.get(split, split)
@@ -213,7 +214,7 @@ class DeviceRuntime:
         result = Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason, split)
         if self.adapter is not None:
             self.adapter.observe(split, result)
-            if split == "device" and self.adapter.probe_due():
+            if self.adapter.probe_due():
                 self._probe(x)
         return result
 
@@ -258,7 +259,7 @@ class DeviceRuntime:
         wire = codec.encode(cur, o.encoding, self._quant[split], o.compress)
         lat.encode_ms = (self._clock() - t0) * 1000.0
         input_name = self.manifest.input.name if split == "cloud" else f"boundary{split}"
-        model = self._cloud_model(split)
+        model = cloud_model(self.manifest.name, split)
         request_id = uuid.uuid4().hex
 
         def call(timeout: float) -> dict[str, np.ndarray]:
@@ -278,7 +279,8 @@ class DeviceRuntime:
         elapsed = self._clock() - t1
         lat.network_ms = elapsed * 1000.0
         # The link saw the call minus the cloud's compute (as the planner's cloud profile expects it).
-        self.link.record(len(wire.data), max(elapsed - self._expected_cloud_s(split, len(pend.rows)), elapsed / 10))
+        self.monitor.record_offload(len(wire.data),
+                                    max(elapsed - self._expected_cloud_s(split, len(pend.rows)), elapsed / 10))
         probs = softmax(logits)
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
         return len(wire.data), None
@@ -296,40 +298,22 @@ class DeviceRuntime:
                     probs = [q[~mask] for q in probs]
             return
         # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
-        first = 0 if split == "cloud" else int(split) + 1
-        self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
+        self._run_local(pend, cur, first_cloud_segment(split), self.runner.num_segments - 1, lat, where=FALLBACK)
 
-    def _expected_cloud_s(self, split: int | str, rows: int) -> float:
-        planner = getattr(self.adapter, "planner", None)
-        if planner is None:
-            return 0.0
-        first = 0 if split == "cloud" else int(split) + 1
-        return rows * sum(planner.cloud_ms[first:]) / 1000.0
-
-    def _warm_up(self) -> None:
-        if self._client.ready(timeout=2.0):
-            t0 = self._clock()
-            if self._client.ready(timeout=2.0):
-                self.link.record_rtt(self._clock() - t0)
+    def _expected_cloud_s(self, split: Split, rows: int) -> float:
+        return self.adapter.expected_cloud_s(split, rows) if self.adapter is not None else 0.0
 
     def _probe(self, x: np.ndarray) -> None:
-        """While device-only there are no offloads to measure the link: send one row's boundary in the
-        background (its answer is ignored; the user was answered already) so the planner notices recovery."""
+        """The adapter wants the link measured while nothing is offloaded: the monitor sends one row's boundary
+        in the background (its answer is ignored; the user was answered already)."""
         split = self.adapter.probe_split()
-        model = self._cloud_model(split)
+        o = self.options
 
-        def probe() -> None:
-            try:
-                boundary = self.runner.run(x[:1], 0, split + 1).boundary
-                wire = codec.encode(boundary, self.options.encoding, self._quant.get(split), self.options.compress)
-                t0 = self._clock()
-                self._client.infer(model, f"boundary{split}", wire, timeout=self.options.deadline_ms / 1000.0)
-                self.link.record(len(wire.data), self._clock() - t0)
-                self._emit("probe", split=split, bytes=len(wire.data), seconds=round(self._clock() - t0, 4))
-            except EdgeExitError as e:
-                self._emit("probe", split=split, error=type(e).__name__)
+        def wire() -> codec.WireTensor:
+            boundary = self.runner.run(x[:1], 0, split + 1).boundary
+            return codec.encode(boundary, o.encoding, self._quant.get(split), o.compress)
 
-        threading.Thread(target=probe, name="edgeexit-probe", daemon=True).start()
+        self.monitor.probe(split, wire, o.deadline_ms / 1000.0)
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _deepest_exit(self, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
@@ -354,16 +338,16 @@ class DeviceRuntime:
             raise InvalidTensor("input contains NaN or inf")
         return self.runner.normalize(x)
 
-    def _possible_splits(self) -> list[int | str]:
-        if self.adapter is None:
+    def _possible_splits(self, adaptive: bool) -> list[Split]:
+        if not adaptive:
             return [self.split]
-        return [*range(len(self.manifest.split_points)), "device", "cloud"]
+        return [*range(len(self.manifest.split_points)), DEVICE, CLOUD]
 
-    def _wire_quant(self, split: int | str) -> dict[str, float] | None:
-        if self.options.encoding != "int8" or split == "device":
+    def _wire_quant(self, split: Split, adaptive: bool) -> dict[str, float] | None:
+        if self.options.encoding != "int8" or split == DEVICE:
             return None
-        if split == "cloud":
-            if self.adapter is not None:
+        if split == CLOUD:
+            if adaptive:
                 return None  # the planner never sends the input as int8; see Planner(encodings=...)
             raise ConfigError("int8 needs calibrated quantisation, and the raw input has none; "
                               "use --encoding fp16 or fp32 with --split cloud")

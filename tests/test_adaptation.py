@@ -29,23 +29,23 @@ def _feed(link, manifest, split, mbit, n, rtt_s=0.005):
 
 def test_split_follows_bandwidth_down_and_back():
     adapter, link, manifest = _adapter()
-    good = adapter.choose()
+    good = adapter.plan()
     assert good.strategy in ("split", "cloud-only")
     _feed(link, manifest, 1, 1.0, 8)
-    bad = adapter.choose()
+    bad = adapter.plan()
     assert bad.label != good.label and bad.latency_ms > good.latency_ms
     depth = {"cloud-only": -1, "device-only": 99}
     assert depth.get(bad.strategy, bad.split) >= depth.get(good.strategy, good.split)  # no deeper cloud use
     _feed(link, manifest, 1, 50.0, 8)
-    assert adapter.choose().label == good.label
+    assert adapter.plan().label == good.label
     assert adapter.replans == 2
 
 
 def test_hysteresis_ignores_small_changes():
     adapter, link, manifest = _adapter()
-    first = adapter.choose()
+    first = adapter.plan()
     _feed(link, manifest, 1, 42.0, 8)  # within 35% of 50
-    assert adapter.choose() is first and adapter.replans == 0
+    assert adapter.plan() is first and adapter.replans == 0
 
 
 def test_probe_only_while_nothing_is_offloaded():
@@ -53,7 +53,7 @@ def test_probe_only_while_nothing_is_offloaded():
     adapter, link, manifest = _adapter(clock=lambda: now[0])
     assert not adapter.probe_due()  # offloading: real requests are the samples
     _feed(link, manifest, 1, 0.05, 8)  # terrible link -> device-only
-    assert adapter.choose().strategy == "device-only"
+    assert adapter.plan().strategy == "device-only"
     now[0] += 2.0
     assert adapter.probe_due() and not adapter.probe_due()  # once per interval
     gaps, last = [], now[0]

@@ -8,11 +8,12 @@ import pytest
 
 from edgeexit.bundle import Bundle
 from edgeexit.errors import ConfigError, InvalidTensor, LinkTimeout, PeerUnavailable
-from edgeexit.policies import make_policy
-from edgeexit.runtime.adaptation import auto_split
+from edgeexit.policies import make_policy, softmax
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
-from edgeexit.runtime.device import CLOUD, DEVICE, FALLBACK, DeviceOptions, DeviceRuntime, softmax
+from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK
+from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.runtime.splits import auto_split
 from tests.fixtures_agent import input_shape
 
 

@@ -9,15 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from edgeexit.testbed.harness import free_port
-from edgeexit.testbed.netsim import LinkConditions, Relay
+from edgeexit.policies import softmax
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.codec import encode
-from edgeexit.runtime.device import CLOUD, FALLBACK, DeviceOptions, DeviceRuntime, softmax
+from edgeexit.runtime.decided import CLOUD, FALLBACK
+from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.service import build_handlers
+from edgeexit.testbed.harness import free_port
+from edgeexit.testbed.netsim import LinkConditions, Relay
 from tests.fixtures_agent import input_shape
 
 # int8 boundary tensors (per-tensor affine, calibrated scale) change the final probabilities by at most this

@@ -1,0 +1,80 @@
+"""What the device knows about its link to the cloud, and how it keeps that knowledge fresh (torch-free).
+
+A :class:`LinkMonitor` holds the link samples (:class:`LinkStats`: bytes and network time of each real
+offload), times an empty round trip at start-up (the warm-up: it also opens the connection, so the first
+offload does not pay connection set-up and make the link look slow), and sends background probes when an
+adapter asks for one because nothing is being offloaded (then there are no samples to notice a recovery).
+The adapters read ``stats``; the device runtime records its offloads here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edgeexit.errors import EdgeExitError
+from edgeexit.runtime.codec import WireTensor
+from edgeexit.runtime.link_stats import LinkStats
+from edgeexit.runtime.splits import cloud_model
+
+if TYPE_CHECKING:
+    from edgeexit.runtime.device import CloudClient
+
+WARM_UP_TIMEOUT_S = 2.0
+
+
+class LinkMonitor:
+    """Link samples, the warm-up round trip and background probes for one cloud connection."""
+
+    def __init__(self, client: CloudClient | None, model: str, clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[..., None] | None = None):
+        self.stats = LinkStats()
+        self._client = client
+        self._model = model
+        self._clock = clock
+        self._on_event = on_event  # (event name, **fields), e.g. DeviceRuntime._emit
+
+    def record_offload(self, nbytes: int, network_s: float) -> None:
+        """One real offload: ``nbytes`` on the wire took ``network_s`` of network time (cloud compute excluded)."""
+        self.stats.record(nbytes, network_s)
+
+    def warm_up(self) -> threading.Thread | None:
+        """Connect and time an empty round trip in the background (None without a cloud)."""
+        if self._client is None:
+            return None
+        thread = threading.Thread(target=self._warm_up, name="edgeexit-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def probe(self, split: int, make_wire: Callable[[], WireTensor], timeout_s: float) -> threading.Thread | None:
+        """Send one boundary tensor at ``split`` in the background and record how long it took; its answer is
+        ignored. ``make_wire`` runs on the probe thread, so the request that triggered the probe is not delayed."""
+        if self._client is None:
+            return None
+        thread = threading.Thread(target=self._probe, args=(split, make_wire, timeout_s), name="edgeexit-probe",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _warm_up(self) -> None:
+        if self._client.ready(timeout=WARM_UP_TIMEOUT_S):  # the first call connects
+            t0 = self._clock()
+            if self._client.ready(timeout=WARM_UP_TIMEOUT_S):
+                self.stats.record_rtt(self._clock() - t0)
+
+    def _probe(self, split: int, make_wire: Callable[[], WireTensor], timeout_s: float) -> None:
+        try:
+            wire = make_wire()
+            t0 = self._clock()
+            self._client.infer(cloud_model(self._model, split), f"boundary{split}", wire, timeout=timeout_s)
+            seconds = self._clock() - t0
+            self.stats.record(len(wire.data), seconds)
+            self._emit("probe", split=split, bytes=len(wire.data), seconds=round(seconds, 4))
+        except EdgeExitError as e:
+            self._emit("probe", split=split, error=type(e).__name__)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event, **fields)

@@ -30,14 +30,16 @@ from typing import Any, TextIO
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from edgeexit.errors import ConfigError, InvalidTensor
-from edgeexit.runtime import codec
-from edgeexit.runtime.device import DECIDED_CODES, DeviceOptions, DeviceRuntime
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.decided import DECIDED_CODES
+from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.metrics import LATENCY_BUCKETS
+from edgeexit.runtime.oip_input import decode_input
 from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
 from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_server
 
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+INPUT_DATATYPES = ("FP32", "FP16")  # raw [0, 1] pixels
 
 
 class EventLog:
@@ -90,13 +92,7 @@ class AgentHandler:
         return True
 
     def infer(self, request: InferRequest) -> InferResponse:
-        want = self.runtime.manifest.input.name
-        if list(request.inputs) != [want]:
-            raise InvalidTensor(f"send exactly one input named {want!r}, got {sorted(request.inputs)}")
-        t = request.inputs[want]
-        if t.datatype not in ("FP32", "FP16"):
-            raise InvalidTensor(f"input {want!r} must be FP32 (or FP16) pixels in [0, 1], got {t.datatype}")
-        x = codec.decode(t.data, t.datatype, t.shape, request.params)
+        x = decode_input(request, self.name, self.runtime.manifest.input.name, INPUT_DATATYPES)
         res = self.runtime.infer(x)
         lat = res.latency
         params: dict[str, Any] = {
@@ -142,6 +138,17 @@ class AgentOptions:
     workers: int = 4
     grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
 
+    def __post_init__(self) -> None:
+        self.server_options()  # checks listen, workers and the metrics port
+        if not self.grace_s >= 0:
+            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+
+    def server_options(self) -> ServerOptions:
+        """The OIP server's options (for unix:PATH it also binds a private loopback port; see Agent)."""
+        host, port, _ = parse_listen(self.listen)
+        return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, workers=self.workers,
+                             server_name="edgeexit-agent")
+
 
 def parse_listen(listen: str) -> tuple[str, int, str | None]:
     """(host, port, unix path or None)."""
@@ -166,10 +173,8 @@ class Agent:
                  encoding=options.device.encoding, on_failure=options.device.on_failure)
         self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
         self.handler = AgentHandler(self.runtime)
-        host, port, self.unix_path = parse_listen(options.listen)
-        self.handle: ServerHandle = build_server(
-            [self.handler], ServerOptions(host=host, port=port, metrics_port=options.metrics_port,
-                                          workers=options.workers, server_name="edgeexit-agent"))
+        self.unix_path = parse_listen(options.listen)[2]
+        self.handle: ServerHandle = build_server([self.handler], options.server_options())
         if self.unix_path:
             # build_server binds TCP only; the loopback port it picked stays private to this host.
             Path(self.unix_path).unlink(missing_ok=True)

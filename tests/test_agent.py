@@ -12,13 +12,15 @@ import pytest
 import tritonclient.grpc as tc
 
 from edgeexit.errors import ConfigError
-from edgeexit.testbed.harness import free_port, launch
+from edgeexit.policies import softmax
 from edgeexit.runtime.agent import Agent, AgentOptions, EventLog, parse_listen
 from edgeexit.runtime.client import InferenceClient
-from edgeexit.runtime.device import CLOUD, DECIDED_CODES, DeviceOptions, softmax
+from edgeexit.runtime.decided import CLOUD, DECIDED_CODES
+from edgeexit.runtime.device import DeviceOptions
 from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.service import build_handlers
+from edgeexit.testbed.harness import free_port, launch
 
 
 def triton_infer(target: str, model: str, x: np.ndarray):

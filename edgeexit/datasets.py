@@ -5,12 +5,17 @@ disjoint splits: ``train``, ``val`` (a FIXED part carved from the training data 
 for calibration) and ``test`` (the official test split where one exists, otherwise a fixed carve too).
 
     >>> x, y = load("fashion-mnist", "val", limit=100)
+    >>> x, y = load("fashion-mnist-96", "test")   # Fashion-MNIST resized to 96x96 (a camera-class input)
+
+``<name>-<N>`` (e.g. ``fashion-mnist-96``) is any built-in dataset resized to N x N: bilinear, then rounded to
+k/255 like an 8-bit camera frame, so the input travels exactly as uint8.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +32,15 @@ SPLIT_SEED = 20240601
 _VAL_SIZE = {"fashion-mnist": 5000, "mnist-5k": 500, "digits": 180}
 _TEST_SIZE = {"mnist-5k": 1000, "digits": 360}  # datasets without an official test split
 
+_RESIZED = re.compile(r"^(?P<base>[a-z0-9-]+?)-(?P<size>\d+)$")
+MAX_SIZE = 512
 # Parsed arrays, keyed by (name, part); parsing 60k gz images takes ~0.5 s, so do it once per process.
 _CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def num_classes(name: str) -> int:
     """Number of classes of a dataset (for a .npz: max label + 1)."""
-    if name in DATASETS:
+    if name in DATASETS or resized_name(name) is not None:
         return 10
     _, y = _load_npz(Path(name))
     return int(y.max()) + 1
@@ -48,6 +55,10 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
         raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if limit is not None and limit <= 0:
         raise ConfigError(f"limit must be a positive number of samples, got {limit}")
+    if (resized := resized_name(name)) is not None:
+        base, size = resized
+        x, y = load(base, split, limit)
+        return resize(x, size), y
     if name == "fashion-mnist":
         x, y = _fashion_mnist_split(split)
     elif name in ("mnist-5k", "digits"):
@@ -60,6 +71,41 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+def resized_name(name: str) -> tuple[str, int] | None:
+    """``("fashion-mnist", 96)`` for ``"fashion-mnist-96"``; None for any other name."""
+    m = _RESIZED.match(name)
+    if m is None or m["base"] not in DATASETS or name in DATASETS:
+        return None
+    size = int(m["size"])
+    if not 8 <= size <= MAX_SIZE:
+        raise ConfigError(f"dataset {name!r}: the size must be between 8 and {MAX_SIZE} pixels")
+    return m["base"], size
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] bilinear interpolation weights with half-pixel centres (align_corners=False)."""
+    centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    lo = np.clip(np.floor(centres).astype(int), 0, n_in - 1)
+    hi = np.clip(lo + 1, 0, n_in - 1)
+    frac = np.clip(centres - lo, 0.0, 1.0)
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(n_out), hi), frac)
+    return w
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Resize [N, C, H, W] images in [0, 1] to size x size (bilinear), rounded to k/255 like an 8-bit frame."""
+    if x.shape[2:] == (size, size):
+        return x
+    rows = _bilinear_weights(x.shape[2], size)
+    cols = _bilinear_weights(x.shape[3], size)
+    out = np.empty((*x.shape[:2], size, size), np.float32)
+    for i in range(0, len(x), 1024):  # bounded temporaries for big sets
+        out[i:i + 1024] = rows @ x[i:i + 1024] @ cols.T
+    return (np.rint(np.clip(out, 0.0, 1.0) * 255.0) / np.float32(255.0)).astype(np.float32)
 
 
 def _split_indices(n: int, sizes: dict[str, int]) -> dict[str, np.ndarray]:

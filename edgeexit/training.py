@@ -40,6 +40,8 @@ class TrainOptions:
     progress: bool = True
     val_limit: int | None = None
     out: Path | None = None  # where to save the .pt2 (+ .state_dict.pt next to it)
+    # Progressive resizing: (image size, epochs) per phase, e.g. ((48, 3), (96, 1)); replaces `epochs`.
+    phases: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -55,11 +57,12 @@ class TrainReport:
 
     def table(self) -> str:
         """Per-exit Markdown table: val accuracy and share of the full model's FLOPs."""
+        from edgeexit.reports import markdown_table
+
         total = self.exit_flops[-1] or 1
-        rows = ["| exit | val accuracy | MFLOPs | share of full |", "|---:|---:|---:|---:|"]
-        for k, (acc, fl) in enumerate(zip(self.exit_accuracy, self.exit_flops, strict=True)):
-            rows.append(f"| {k} | {100 * acc:.2f}% | {fl / 1e6:.2f} | {fl / total:.3f} |")
-        return "\n".join(rows)
+        return markdown_table(["exit", "val accuracy", "MFLOPs", "share of full"],
+                              [[str(k), f"{100 * acc:.2f}%", f"{fl / 1e6:.2f}", f"{fl / total:.3f}"]
+                               for k, (acc, fl) in enumerate(zip(self.exit_accuracy, self.exit_flops, strict=True))])
 
 
 def train(model: nn.Module, dataset: str = "fashion-mnist", *, options: TrainOptions | None = None) -> TrainReport:
@@ -70,41 +73,54 @@ def train(model: nn.Module, dataset: str = "fashion-mnist", *, options: TrainOpt
     _check_options(opts)
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    x_train, y_train = (torch.from_numpy(a) for a in datasets.load(dataset, "train", opts.limit))
+    # A resized dataset ("fashion-mnist-96") trains from the originals, resized batch by batch to each phase's
+    # size: progressive resizing (small images first, the full size last) costs a fraction of the compute.
+    base, final_size = datasets.resized_name(dataset) or (dataset, None)
+    x_train, y_np = datasets.load(base, "train", opts.limit)
+    y_train = torch.from_numpy(y_np)
     x_val, y_val = datasets.load(dataset, "val", opts.val_limit)
     if len(x_train) < 2:
         raise ConfigError(f"need at least 2 training samples (batch norm), got {len(x_train)}: raise --limit")
-    n_exits = _count_exits(model, x_train[:2])
+    phases = list(opts.phases) or [(final_size or x_train.shape[-1], opts.epochs)]
+    if final_size is None and any(size != x_train.shape[-1] for size, _ in phases):
+        raise ConfigError(f"--phases resize the images: train on a resized dataset (e.g. {dataset}-96)")
+    n_exits = _count_exits(model, torch.from_numpy(x_val[:2]))
     weights = _exit_weights(opts, n_exits)
 
     steps_per_epoch = max(1, len(x_train) // opts.batch_size)  # drop the ragged last batch: BN dislikes size 1
-    total_steps = max(1, round(opts.epochs * steps_per_epoch))
+    phase_steps = [max(1, round(epochs * steps_per_epoch)) for _, epochs in phases]
+    total_steps = sum(phase_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opts.lr, total_steps=total_steps)
     rng = np.random.default_rng(opts.seed)
 
     started = time.perf_counter()
+    model.to(memory_format=torch.channels_last)  # oneDNN's convolutions are ~3x faster in NHWC on CPU
     model.train()
     bar = _progress(total_steps, opts.progress)
     step = 0
-    while step < total_steps:
-        order = torch.from_numpy(rng.permutation(len(x_train)))
-        for b in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            idx = order[b * opts.batch_size:(b + 1) * opts.batch_size]
-            loss = _joint_loss(model(x_train[idx]), y_train[idx], weights, opts)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}", loss=f"{loss.item():.3f}")
+    for (size, _), steps in zip(phases, phase_steps, strict=True):
+        done = 0
+        while done < steps:
+            order = rng.permutation(len(x_train))
+            for b in range(steps_per_epoch):
+                if done >= steps:
+                    break
+                idx = order[b * opts.batch_size:(b + 1) * opts.batch_size]
+                xb = torch.from_numpy(datasets.resize(x_train[idx], size)).contiguous(memory_format=torch.channels_last)
+                loss = _joint_loss(model(xb), y_train[idx], weights, opts)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step, done = step + 1, done + 1
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}", size=size, loss=f"{loss.item():.3f}")
     bar.close()
     elapsed = time.perf_counter() - started
 
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     report = TrainReport(
         exit_accuracy=exit_accuracy(model, x_val, y_val),
@@ -175,7 +191,8 @@ def state_dict_path(out: Path) -> Path:
 
 def _metadata(report: TrainReport, opts: TrainOptions) -> dict:
     return {"exit_accuracy_val": report.exit_accuracy, "exit_flops": report.exit_flops, "epochs": report.epochs,
-            "seed": opts.seed, "distill": opts.distill, "train_samples": report.train_samples}
+            "seed": opts.seed, "distill": opts.distill, "train_samples": report.train_samples,
+            "phases": [list(p) for p in opts.phases]}
 
 
 def _count_exits(model: nn.Module, sample: torch.Tensor) -> int:
@@ -200,6 +217,9 @@ def _exit_weights(opts: TrainOptions, n_exits: int) -> list[float]:
 def _check_options(opts: TrainOptions) -> None:
     if opts.epochs <= 0:
         raise ConfigError(f"epochs must be > 0, got {opts.epochs}")
+    for size, epochs in opts.phases:
+        if not 8 <= size <= datasets.MAX_SIZE or epochs <= 0:
+            raise ConfigError(f"phase {size}:{epochs}: need an image size in 8..{datasets.MAX_SIZE} and epochs > 0")
     if opts.batch_size < 2:
         raise ConfigError(f"batch size must be >= 2 (batch norm needs it), got {opts.batch_size}")
     if opts.lr <= 0:

@@ -139,3 +139,25 @@ def test_datasets_module_is_torch_free():
 
     code = "import sys; import edgeexit.datasets; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resized_dataset_is_bilinear_and_8_bit():
+    import torch
+    import torch.nn.functional as F
+
+    x28, y28 = datasets.load("fashion-mnist", "test", limit=50)
+    x96, y96 = datasets.load("fashion-mnist-96", "test", limit=50)
+    assert x96.shape == (50, 1, 96, 96) and x96.dtype == np.float32 and np.array_equal(y28, y96)
+    assert np.array_equal(np.rint(x96 * 255) / 255, x96)  # exactly k/255: the input travels as uint8
+    ref = F.interpolate(torch.from_numpy(x28), size=96, mode="bilinear", align_corners=False).numpy()
+    assert np.abs(ref - x96).max() <= 1 / 255 + 1e-6  # torch's bilinear, up to the 8-bit rounding
+    assert datasets.num_classes("fashion-mnist-96") == 10
+    assert datasets.resized_name("fashion-mnist-96") == ("fashion-mnist", 96)
+    assert datasets.resized_name("fashion-mnist") is None and datasets.resized_name("mnist-5k") is None
+
+
+def test_resized_dataset_sizes_are_bounded():
+    with pytest.raises(ConfigError, match="between 8 and"):
+        datasets.load("fashion-mnist-4096", "test", limit=1)
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        datasets.load("cifar-96", "test", limit=1)

@@ -95,3 +95,14 @@ def test_unknown_arch_is_a_config_error():
         build("vgg")
     with pytest.raises(ConfigError, match="num_classes"):
         build("resnet-exits", num_classes=1)
+
+
+def test_camera_resnet_is_a_camera_class_workload():
+    # The split-computing reference: >= 20x the compute of resnet-exits, >= 4 exits, the first at <= 10%.
+    camera = flops_per_exit(build("camera-resnet"), (1, 1, 96, 96))
+    small = flops_per_exit(build("resnet-exits"), (1, 1, 28, 28))
+    assert len(camera) >= 4
+    assert camera[-1] >= 20 * small[-1]
+    assert camera[0] <= 0.10 * camera[-1]
+    params = sum(p.numel() for p in build("camera-resnet").parameters())
+    assert params * 4 <= 10e6  # the trained .pt2 ships in the repository (<= 10 MB)

@@ -116,3 +116,16 @@ def test_trained_fixture_is_usable(trained_resnet_pt2):
     # Brief training: the shallow exit lags, so only ask for clearly-better-than-chance (0.1) everywhere.
     assert len(accuracy) == 3 and min(accuracy) > 0.5 and accuracy[-1] > 0.8
     assert np.isfinite(accuracy).all()
+
+
+def test_progressive_resizing_trains_through_each_phase(tmp_path):
+    # Phases at 16x16 then 24x24 on digits resized: the model ends at the dataset's size and its val split.
+    _, report = _train(tmp_path, "p", arch="branchynet", save=True, dataset="digits-24", limit=None,
+                       val_limit=None, phases=((16, 1.0), (24, 1.0)), batch_size=64)
+    assert report.epochs == pytest.approx(2.0, abs=0.1)
+    program = torch.export.load(str(tmp_path / "p.pt2"))
+    assert [tuple(t.shape) for t in program.module()(torch.rand(2, 1, 24, 24))] == [(2, 10)] * 3
+    with pytest.raises(ConfigError, match="resized dataset"):
+        train(build("branchynet"), "digits", options=TrainOptions(phases=((16, 1.0),), progress=False))
+    with pytest.raises(ConfigError, match="image size"):
+        train(build("branchynet"), "digits-24", options=TrainOptions(phases=((4, 1.0),), progress=False))

@@ -8,7 +8,6 @@ segment up to the one owning j), divided by the FLOPs of the whole model. Torch-
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from edgeexit.calibration import lambda_grid, thresholds_for
 from edgeexit.early_exit import ExitTrace, collect_logits, executed_flops, run_early_exit
+from edgeexit.logs import ProgressBar
 from edgeexit.policies import KINDS, ExitPolicy, make_policy
 from edgeexit.reports import Curve, markdown_table, plot_curves, write_json
 
@@ -58,28 +58,6 @@ class PolicyEval:
     @property
     def accuracy_drop_pp(self) -> float:
         return 100.0 * (self.final_accuracy - self.accuracy)
-
-
-class ProgressBar:
-    """A tqdm bar over images (or nothing when disabled); ``update`` is the progress callback."""
-
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self._bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="img", leave=False)
-
-    @property
-    def update(self) -> Callable[[int], Any] | None:
-        return self._bar.update if self._bar is not None else None
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def per_exit_rows(manifest: Any, logits: list[np.ndarray], y: np.ndarray) -> list[ExitRow]:

@@ -31,25 +31,15 @@ def load_profiles(bundle: Bundle, device_class: DeviceClass, device_path: str | 
 
 
 def plot_sweep(sweep: dict[str, Any], path: str, title: str) -> None:
-    import matplotlib
+    from edgeexit.reports import bandwidth_axes, figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     bws = sweep["bandwidths_mbit"]
-    for name, ys in sorted(sweep["series"].items()):
-        if name == "planner":
-            continue
-        ax.plot(bws, ys, marker=".", linewidth=1, label=name)
-    ax.plot(bws, sweep["series"]["planner"], color="black", linewidth=2.5, linestyle="--", label="planner's choice")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("uplink bandwidth (Mbit/s)")
-    ax.set_ylabel("expected latency per request (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, dpi=110) as (ax,):
+        for name, ys in sorted(sweep["series"].items()):
+            if name == "planner":
+                continue
+            ax.plot(bws, ys, marker=".", linewidth=1, label=name)
+        ax.plot(bws, sweep["series"]["planner"], color="black", linewidth=2.5, linestyle="--",
+                label="planner's choice")
+        bandwidth_axes(ax, "expected latency per request (ms)", title)
+        ax.legend(fontsize=8)

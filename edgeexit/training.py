@@ -22,6 +22,7 @@ from torch import nn
 
 from edgeexit import datasets
 from edgeexit.errors import ConfigError
+from edgeexit.logs import ProgressBar
 
 
 @dataclass
@@ -97,7 +98,7 @@ def train(model: nn.Module, dataset: str = "fashion-mnist", *, options: TrainOpt
     started = time.perf_counter()
     model.to(memory_format=torch.channels_last)  # oneDNN's convolutions are ~3x faster in NHWC on CPU
     model.train()
-    bar = _progress(total_steps, opts.progress)
+    bar = ProgressBar(total_steps, opts.progress, "train", unit="step")
     step = 0
     for (size, _), steps in zip(phases, phase_steps, strict=True):
         done = 0
@@ -226,17 +227,3 @@ def _check_options(opts: TrainOptions) -> None:
         raise ConfigError(f"learning rate must be > 0, got {opts.lr}")
     if not 0.0 <= opts.distill_alpha <= 1.0:
         raise ConfigError(f"distill_alpha must be in [0, 1], got {opts.distill_alpha}")
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: str) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op with the same three methods
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)

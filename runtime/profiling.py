@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgeexit.bundle import BATCH
+from edgeexit.logs import ProgressBar
 from edgeexit.profiles import LatencyProfile
+from edgeexit.reports import markdown_table
 from edgeexit.runtime import codec
 from edgeexit.runtime.runner import SegmentRunner
 
@@ -37,13 +39,11 @@ def _inputs_per_segment(runner: SegmentRunner, batch: int, rng: np.random.Genera
 def measure_profile(runner: SegmentRunner, batches: Sequence[int] = (1,), repeats: int = 30, warmup: int = 3,
                     progress: bool = False) -> LatencyProfile:
     """Median and p90 latency of every segment per batch size, and codec cost per split point (batch 1)."""
-    from tqdm import tqdm
-
     rng = np.random.default_rng(0)
     median: dict[int, list[float]] = {}
     p90: dict[int, list[float]] = {}
     boundaries: list[np.ndarray] = []
-    bar = tqdm(total=len(batches) * (repeats + warmup), desc="profile", disable=not progress, unit="round")
+    bar = ProgressBar(len(batches) * (repeats + warmup), progress, "profile", unit="round")
     for b in batches:
         feeds = _inputs_per_segment(runner, b, rng)
         if b == 1:
@@ -86,9 +86,7 @@ def _codec_costs(runner: SegmentRunner, boundaries: list[np.ndarray], repeats: i
 
 
 def profile_table(profile: LatencyProfile) -> str:
-    lines = ["| batch | " + " | ".join(f"seg{k} ms" for k in range(len(next(iter(profile.segment_ms.values())))))
-             + " | total ms |"]
-    lines.append("|---" * (len(lines[0].split("|")) - 2) + "|")
-    for b, vals in sorted(profile.segment_ms.items()):
-        lines.append(f"| {b} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals):.3f} |")
-    return "\n".join(lines)
+    segments = len(next(iter(profile.segment_ms.values())))
+    headers = ["batch", *(f"seg{k} ms" for k in range(segments)), "total ms"]
+    rows = [[str(b), *(f"{v:.3f}" for v in vals), f"{sum(vals):.3f}"] for b, vals in sorted(profile.segment_ms.items())]
+    return markdown_table(headers, rows, left=len(headers))

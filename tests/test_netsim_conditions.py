@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from edgeexit.errors import ConfigError
+from edgeexit.hostport import parse_hostport
 from edgeexit.testbed.netsim import LinkConditions, Outage, Trace
-from edgeexit.testbed.netsim.conditions import parse_hostport, resolve
+from edgeexit.testbed.netsim.conditions import resolve
 from edgeexit.testbed.netsim.shaping import TokenBucket, piece_size
 
 TRACE = "# comment\nt_seconds,up_mbit,down_mbit,rtt_ms\n0,10,20,40\n2.5,1,2,200\n"

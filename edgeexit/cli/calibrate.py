@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.bundle import Bundle
     from edgeexit.calibration import CalibrationOptions, calibrate, check_split
     from edgeexit.early_exit import collect_logits
-    from edgeexit.evaluation import ProgressBar
+    from edgeexit.logs import ProgressBar
     from edgeexit.reports import markdown_table
     from edgeexit.runtime.runner import SegmentRunner
 

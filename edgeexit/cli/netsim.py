@@ -25,29 +25,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outage", action="append", default=[], metavar="START:DURATION[:MODE]",
                    help="outage in seconds after start; MODE blackhole (default) or reset; repeatable")
     p.add_argument("--stats-every", type=float, default=0.0, help="print counters every N seconds (0 = at exit)")
+    p.add_argument("--control", action="store_true",
+                   help="for test harnesses: answer JSON commands on stdin (set, outage, stats; one JSON reply "
+                        "line each) and stop when stdin closes")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    from edgeexit.testbed.netsim import LinkConditions, Outage, Trace
+    from edgeexit.testbed.netsim.process import RelayProcessOptions, run_relay
 
-    from edgeexit.testbed.netsim import LinkConditions, Outage, Relay, Trace
-    from edgeexit.testbed.netsim.conditions import parse_hostport
-
-    listen = parse_hostport(args.listen, "--listen")
-    target = parse_hostport(args.target, "--target")
     conditions = LinkConditions(
         delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, up_mbit=args.up_mbit, down_mbit=args.down_mbit,
         burst_bytes=args.burst_bytes, trace=Trace.load(args.trace) if args.trace else None,
         outages=tuple(Outage.parse(o) for o in args.outage))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with Relay(target, conditions, listen=listen) as relay:
-        host, port = relay.address
-        print(f"relaying {host}:{port} -> {target[0]}:{target[1]}", flush=True)
-        while not stop.wait(args.stats_every or None):
-            print(f"stats {relay.stats}", flush=True)
-    print(f"stats {relay.stats}", flush=True)  # after close: every delivery has been counted
+    stats = run_relay(RelayProcessOptions(args.target, args.listen, conditions, args.stats_every, args.control))
+    print(f"stats {stats}", flush=True)
     return 0

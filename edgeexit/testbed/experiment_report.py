@@ -89,29 +89,16 @@ def markdown(summaries: Iterable[Summary]) -> str:
 def plot_latency_vs_bandwidth(path: str | Path, panels: dict[str, dict[str, list[tuple[float, float]]]],
                               title: str) -> Path:
     """One panel per group (e.g. per RTT): mean latency (ms, log) vs uplink bandwidth (Mbit/s, log) per strategy."""
-    import matplotlib
+    from edgeexit.reports import bandwidth_axes, figure
 
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=110, squeeze=False)
-    for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
-        for name, points in series.items():
-            pts = sorted(points)
-            bold = name.startswith(("edgeexit", "planner"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
-                    linewidth=2.5 if bold else 1.2, linestyle="--" if name.startswith("oracle") else "-", label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("uplink bandwidth (Mbit/s)")
-        ax.set_ylabel("measured mean latency per request (ms)")
-        ax.set_title(panel, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p)
-    plt.close(fig)
-    return p
+    with figure(path, len(panels), size=(5.2 * len(panels), 4.4), dpi=110, title=title) as axes:
+        for ax, (panel, series) in zip(axes, panels.items(), strict=True):
+            for name, points in series.items():
+                pts = sorted(points)
+                bold = name.startswith(("edgeexit", "planner"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                        linewidth=2.5 if bold else 1.2, linestyle="--" if name.startswith("oracle") else "-",
+                        label=name)
+            bandwidth_axes(ax, "measured mean latency per request (ms)", panel)
+        axes[0].legend(fontsize=7)
+    return Path(path)

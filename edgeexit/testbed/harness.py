@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeexit.errors import ConfigError
+from edgeexit.hostport import parse_hostport
 
 DECIDED_NAMES = {0: "device", 1: "cloud", 2: "device-fallback"}
 
@@ -37,8 +38,6 @@ class Proc:
     @property
     def address(self) -> tuple[str, int]:
         """``target`` as (host, port)."""
-        from edgeexit.testbed.netsim.conditions import parse_hostport
-
         return parse_hostport(self.target, self.name)
 
     def alive(self) -> bool:

@@ -8,26 +8,25 @@ Two modes behind one interface (`Scenario`), and every scenario says which one r
   come from a relay process in the device namespace (the kernel here has no netem).
 - ``loopback`` (anywhere): everything on 127.0.0.1; the relay process also shapes the bandwidth.
 
-The relay is a separate process (``python -m edgeexit.testbed.scenarios relay``) driven by JSON commands on its stdin,
-so a test can cut the link, slow it down or restore it at a chosen moment in either mode. Agents listen on a
+The relay is a separate process (``edgeexit netsim --control``) driven by JSON commands on its stdin, so a test
+can cut the link, slow it down or restore it at a chosen moment in either mode. Agents listen on a
 unix socket, which the test process reaches whatever namespace the agent runs in. Everything started here is
 stopped on exit, also after a failure; the namespaces are deleted (`NetnsLink` kills what still runs there).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeexit.errors import ConfigError, EdgeExitError
+from edgeexit.errors import ConfigError
 from edgeexit.testbed.harness import AgentClient, Proc, launch
 
 MODES = ("auto", "namespace", "loopback")
@@ -52,7 +51,7 @@ def pick_mode(requested: str = "auto") -> tuple[str, str]:
 
 # ---- the relay process ------------------------------------------------------------------------------------------
 class RelayControl:
-    """A relay process (``python -m edgeexit.testbed.scenarios relay``) whose conditions the test changes at run time."""
+    """A relay process (``edgeexit netsim --control``) whose conditions the test changes at run time."""
 
     def __init__(self, target: str, log_path: Path, prefix: tuple[str, ...] = (), **conditions: Any):
         self.conditions: dict[str, Any] = dict(conditions)
@@ -60,14 +59,18 @@ class RelayControl:
         self._log = open(log_path, "w")  # noqa: SIM115  closed in close()
         self.log_path = log_path
         self.popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "edgeexit.testbed.scenarios", "relay", "--target", target,
-             "--conditions", json.dumps(self.conditions)],
+            [*prefix, sys.executable, "-m", "edgeexit", "netsim", "--target", target, "--control"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
         line = self.popen.stdout.readline()
         if not line.startswith("relaying "):
             self.close()
             raise ConfigError(f"the relay did not start: {line.strip()!r}; see {log_path}")
         self.address = line.split()[1]  # HOST:PORT the agents connect to
+        try:
+            self._command({"op": "set", "conditions": self.conditions})  # before any agent connects
+        except BaseException:
+            self.close()
+            raise
 
     def update(self, **changes: Any) -> dict[str, Any]:
         """Merge ``changes`` (LinkConditions fields) into the conditions and apply them now."""
@@ -106,37 +109,6 @@ class RelayControl:
                 self.popen.kill()
                 self.popen.wait()
         self._log.close()
-
-
-def _relay_main(argv: list[str]) -> int:
-    """The relay process: relay until stdin closes, answering one JSON line per JSON command."""
-    from edgeexit.testbed.netsim import LinkConditions, Relay
-    from edgeexit.testbed.netsim.conditions import parse_hostport
-
-    p = argparse.ArgumentParser(prog="python -m edgeexit.testbed.scenarios relay")
-    p.add_argument("--listen", default="127.0.0.1:0")
-    p.add_argument("--target", required=True)
-    p.add_argument("--conditions", default="{}", help="LinkConditions fields as JSON")
-    args = p.parse_args(argv)
-    conditions = LinkConditions(**json.loads(args.conditions))
-    with Relay(parse_hostport(args.target, "--target"), conditions,
-               listen=parse_hostport(args.listen, "--listen")) as relay:
-        host, port = relay.address
-        print(f"relaying {host}:{port} -> {args.target}", flush=True)
-        for line in sys.stdin:
-            try:
-                cmd = json.loads(line)
-                if cmd["op"] == "set":
-                    relay.set(LinkConditions(**cmd["conditions"]))
-                elif cmd["op"] == "outage":
-                    relay.outage(float(cmd["seconds"]), cmd.get("mode", "blackhole"))
-                elif cmd["op"] != "stats":
-                    raise ConfigError(f"unknown command {cmd['op']!r}; use set, outage or stats")
-                reply = {"ok": True, "stats": asdict(relay.stats)}
-            except (EdgeExitError, KeyError, TypeError, ValueError) as e:
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            print(json.dumps(reply), flush=True)
-    return 0
 
 
 # ---- the scenario ---------------------------------------------------------------------------------------------
@@ -261,15 +233,3 @@ class Scenario:
         else:
             self.relay.update(up_mbit=up_mbit, down_mbit=down_mbit)
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "relay":
-        print("usage: python -m edgeexit.testbed.scenarios relay --target HOST:PORT [--listen HOST:PORT] "
-              "[--conditions JSON]", file=sys.stderr)
-        return 2
-    return _relay_main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -118,11 +118,3 @@ def resolve(conditions: LinkConditions, elapsed: float, manual_outage: str | Non
         outage=outage,
     )
 
-
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} {text!r} must be HOST:PORT, e.g. 127.0.0.1:8001")
-    return host, int(port)

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from edgeexit.testbed.netsim.conditions import parse_hostport
+from edgeexit.hostport import parse_hostport
 
 CHUNK = 64 * 1024
 

@@ -69,6 +69,9 @@ class DeviceOptions:
     # EMULATION of a slower device class: every segment's compute is stretched to this many times its
     # measured time (by sleeping), and the planner's device profile is scaled alike. 1.0 = no emulation.
     slowdown: float = 1.0
+    # "stretch": the sleeping above; "cgroup": a launcher already runs this whole process under a CPU quota worth
+    # the slowdown, so nothing is stretched (the planner's device profile is still scaled, unless measured here).
+    emulation: str = "stretch"
     cloud: str | None = None  # HOST:PORT of `edgeexit serve`; None = device-only
     client: Any = None  # runtime.client.ClientOptions (TLS, token, message limit)
     encoding: str = "fp32"  # fp32 | fp16 | int8 (int8 uses the manifest's calibrated split quantization)
@@ -85,6 +88,8 @@ class DeviceOptions:
             raise ConfigError(f"deadline_ms must be positive, got {self.deadline_ms}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.emulation not in ("stretch", "cgroup"):
+            raise ConfigError(f"emulation {self.emulation!r}: choose 'stretch' or 'cgroup'")
         self.split = parse_split(self.split)
         self.adapt_options()  # checks adapt, slowdown and encoding, which the adapter shares
 
@@ -170,7 +175,10 @@ class DeviceRuntime:
         self.monitor = LinkMonitor(self._client, self.manifest.name, clock, self._emit)
         self.adapter: Adapter | None = None
         if adaptive:
-            self.adapter = build_adapter(self.manifest, self.runner, o.adapt_options(), self.monitor.stats)
+            adapt = o.adapt_options()
+            if o.emulation == "cgroup" and "device" not in self.manifest.profiles:
+                adapt.slowdown = 1.0  # profiled inside the quota: already as slow as the emulated device
+            self.adapter = build_adapter(self.manifest, self.runner, adapt, self.monitor.stats, clock)
             self.split = self.adapter.choose()
         self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
         for k in self._segments_to_open():
@@ -230,7 +238,7 @@ class DeviceRuntime:
         for k in range(first, last + 1):
             t0, cpu0 = self._clock(), self._cpu_clock()
             out = self.runner.run_segment(k, cur)
-            if self.options.slowdown > 1.0:
+            if self.options.slowdown > 1.0 and self.options.emulation == "stretch":
                 # Emulated slower device: this segment should take slowdown x its CPU time. Stretching by CPU
                 # rather than wall time keeps a busy host's scheduling delays from being multiplied too.
                 target = (self._cpu_clock() - cpu0) * self.options.slowdown

@@ -1,4 +1,4 @@
-"""edgeexit.testbed.experiment (real serve + agent processes behind the relay) and `edgeexit bench` on the tiny bundle."""
+"""edgeexit.testbed.experiment (real serve + agent processes behind the relay) and `edgeexit bench`: tiny bundle."""
 
 import json
 import shutil
@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from edgeexit import experiment as ex
 from edgeexit.errors import ConfigError
-from edgeexit.testbed.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
-from edgeexit.testbed.experiment_report import best_of, summarize, summarize_all
 from edgeexit.profiles import load_network
 from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.testbed import experiment as ex
+from edgeexit.testbed.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
+from edgeexit.testbed.experiment_report import best_of, summarize, summarize_all
 
 
 def _edgeexit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

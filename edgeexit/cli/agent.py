@@ -30,7 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--network", default="wifi",
                    help="network profile the planner assumes until offloads measure the link (default wifi)")
     p.add_argument("--emulate-device", metavar="CLASS",
-                   help="EMULATION: stretch device compute by a device class's slowdown (e.g. raspberry-pi-4)")
+                   help="EMULATION: run as slow as a device class (e.g. raspberry-pi-4), see --emulation")
+    p.add_argument("--emulation", choices=["stretch", "cgroup"], default="stretch",
+                   help="how --emulate-device slows the agent: 'stretch' (default) sleeps after each segment so its "
+                        "compute takes the class's factor x its CPU time; 'cgroup' = the launcher already runs this "
+                        "process under a CPU quota worth that factor (the testbed does, as root), so nothing is "
+                        "stretched; refused when no quota below one core is found")
+    p.add_argument("--emulation-measured", type=float, metavar="FACTOR",
+                   help="with --emulation cgroup: the slowdown the launcher measured under the quota (reported only)")
     p.add_argument("--policy", default=None,
                    help="exit policy kind (confidence, entropy, margin, patience, ensemble, never); "
                         "default: the bundle's calibrated policy (never exit early if uncalibrated)")
@@ -58,29 +65,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeexit.errors import ConfigError
     from edgeexit.runtime.agent import Agent, AgentOptions
     from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
     from edgeexit.runtime.client import ClientOptions
     from edgeexit.runtime.device import DeviceOptions
     from edgeexit.runtime.security import read_token_file
 
-    if args.retries < 0 or args.breaker_failures < 1 or args.breaker_cooldown_s < 0 or args.threads < 1:
-        raise ConfigError("--retries must be >= 0, --breaker-failures and --threads >= 1, --breaker-cooldown-s >= 0")
     client = ClientOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                            token=read_token_file(args.token_file) if args.token_file else None)
-    slowdown = 1.0
-    if args.emulate_device:
-        from edgeexit.profiles import load_device_class
-
-        slowdown = load_device_class(args.emulate_device).slowdown
+    slowdown = _emulation(args)
     device = DeviceOptions(
         backend=args.backend, fmt=args.fmt, threads=args.threads, policy=args.policy, split=args.split,
         cloud=args.cloud,
         client=client, encoding=args.encoding, compress=args.compress, deadline_ms=args.deadline_ms,
         on_failure=args.on_failure, retry=RetryOptions(retries=args.retries), adapt=args.adapt,
-        network=args.network, slowdown=slowdown,
+        network=args.network, slowdown=slowdown, emulation=args.emulation,
         breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
     )
     Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port)).serve_forever()
     return 0
+
+
+def _emulation(args: argparse.Namespace) -> float:
+    """The device class's slowdown (1.0 without --emulate-device); prints which emulation runs."""
+    from edgeexit.emulation import Emulation, own_cpu_quota
+    from edgeexit.errors import ConfigError
+    from edgeexit.profiles import load_device_class
+
+    if not args.emulate_device:
+        if args.emulation == "cgroup":
+            raise ConfigError("--emulation cgroup needs --emulate-device CLASS (the factor the quota stands for)")
+        return 1.0
+    dev = load_device_class(args.emulate_device)
+    quota = None
+    if args.emulation == "cgroup":
+        quota = own_cpu_quota()
+        if quota is None or quota >= 1.0:
+            raise ConfigError("--emulation cgroup: this process runs under no CPU quota below one core; start it "
+                              "through the testbed (which sets one up as root) or use --emulation stretch")
+    if dev.emulated:
+        print(Emulation(dev.name, dev.slowdown, args.emulation, quota, args.emulation_measured).describe(), flush=True)
+    return dev.slowdown

@@ -12,8 +12,9 @@ sample i+1), so a noisy neighbour on a shared machine slows every strategy alike
 and condition are sent first and excluded. Every row is what the app saw (wall time around the agent call)
 plus the agent's own breakdown and the service's compute time (from its Prometheus histogram).
 
-Used by ``edgeexit bench`` and ``benchmarks/planner.py``. Device compute is EMULATED when a device class is
-given (``--emulate-device``: the agent stretches every segment's compute by the class's slowdown factor).
+Used by ``edgeexit bench`` and ``benchmarks/planner.py``. The device is EMULATED when a device class is given,
+as ``TestbedOptions.emulation`` says (``device_emulation``): "auto" runs every agent process under a calibrated
+CPU quota when root, else the agent stretches its segments' compute; ``Testbed.emulation.describe()`` says which.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import numpy as np
 
 from edgeexit.errors import ConfigError
 from edgeexit.profiles import NetworkProfile
-from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch
+from edgeexit.testbed.device_emulation import AgentEmulation, CalibrationOptions, resolve_emulation
+from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch, launch_agent
 from edgeexit.testbed.netsim import LinkConditions, Relay
 
 CALIBRATED = None  # Strategy.policy: the bundle's calibrated policy (the agent's default)
@@ -119,6 +121,7 @@ class Sample:
 class TestbedOptions:
     bundle: Path
     device_class: str | None = "raspberry-pi-4"  # EMULATION; None = this host's speed
+    emulation: str = "auto"  # "auto" | "cgroup" | "stretch": how agents emulate device_class (device_emulation)
     service_threads: int = 2
     warmup: int = 3  # requests per agent and condition, excluded from the rows
     # A just-started agent (every adaptive one, per condition) gets at least this many warm-up requests, so
@@ -152,9 +155,13 @@ class Testbed:
         self.relay: Relay | None = None
         self._metrics_url = ""
         self._agents: dict[str, _Running] = {}
+        self.emulation: AgentEmulation | None = None  # resolved (and calibrated) on entry
 
     def __enter__(self) -> Testbed:
         try:
+            # Calibrate before the service starts, on a quieter machine; cached per class, bundle and host.
+            self.emulation = resolve_emulation(self.options.device_class, self.options.emulation,
+                                               CalibrationOptions(workload=Path(self.options.bundle)))
             # The service's stdout goes to a buffered log, so pick the metrics port here rather than parse it.
             metrics_port = free_port()
             self.service = launch("serve", ["serve", str(self.options.bundle), "--port", "0", "--metrics-port",
@@ -197,9 +204,9 @@ class Testbed:
         if running is None:
             prior = strategy.prior or str(condition.write_prior(Path(self._tmp.name)))
             bundle = self._no_exit_view() if strategy.policy == "never" else self.options.bundle
-            args = strategy.agent_args(bundle, self.cloud, self.options.device_class, prior)
+            args = strategy.agent_args(bundle, self.cloud, None, prior)  # emulation flags: launch_agent
             args += ["--deadline-ms", str(self.options.deadline_ms)]
-            proc = launch(f"agent-{_slug(strategy.name)}", args, self.log_dir)
+            proc = launch_agent(f"agent-{_slug(strategy.name)}", args, self.log_dir, self.emulation)
             running = _Running(proc, AgentClient(proc.target, self.model), condition.name)
             self._agents[strategy.name] = running
         return running.client

@@ -34,6 +34,7 @@ class Proc:
     popen: subprocess.Popen
     target: str
     log_path: Path
+    cgroup: Any = None  # cpu_quota.CpuCgroup the process runs in (emulation), removed once it has stopped
 
     @property
     def address(self) -> tuple[str, int]:
@@ -52,6 +53,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        self._release()
         return self.popen.returncode
 
     def kill(self) -> None:
@@ -59,6 +61,12 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -115,6 +123,24 @@ def launch(name: str, args: Sequence[str], log_dir: Path, prefix: Sequence[str] 
 
     threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
     return Proc(name, popen, target, log_path)
+
+
+def launch_agent(name: str, args: Sequence[str], log_dir: Path, emulation: Any = None) -> Proc:
+    """Start `edgeexit ARGS` (an agent) emulating a device as ``emulation`` (device_emulation.AgentEmulation) says:
+    its flags are appended, and under cgroup emulation the process starts inside its own CPU quota group."""
+    if emulation is None:
+        return launch(name, args, log_dir)
+    args = [*args, *emulation.agent_args()]
+    group = emulation.cgroup(name)
+    if group is None:
+        return launch(name, args, log_dir)
+    try:
+        proc = launch(name, args, log_dir, prefix=group.command_prefix())
+    except BaseException:
+        group.remove()
+        raise
+    proc.cgroup = group
+    return proc
 
 
 @dataclass

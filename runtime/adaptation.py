@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -71,6 +72,7 @@ class AdaptOptions:
             raise ConfigError(f"min_samples must be >= 1 and mu >= 0, got {self.min_samples} and {self.mu}")
 
 
+@runtime_checkable
 class Adapter(Protocol):
     """What DeviceRuntime needs from an online split chooser."""
 
@@ -226,8 +228,10 @@ class BanditAdapter:
             return self.arms[int(np.argmax(means))]
 
 
-def build_adapter(manifest: Manifest, runner: Any, options: AdaptOptions, link: LinkStats) -> Adapter:
-    """An adapter for a device runtime: profiles from the bundle when stored, else measured here now."""
+def build_adapter(manifest: Manifest, runner: Any, options: AdaptOptions, link: LinkStats,
+                  clock: Callable[[], float] = time.monotonic) -> Adapter:
+    """An adapter for a device runtime: profiles from the bundle when stored, else measured here now.
+    ``clock`` is the runtime's (so a test's injected clock also paces the probes)."""
     from edgeexit.profiles import DeviceClass, LatencyProfile, load_network
     from edgeexit.runtime.profiling import measure_profile
 
@@ -240,4 +244,4 @@ def build_adapter(manifest: Manifest, runner: Any, options: AdaptOptions, link: 
     # Without a stored cloud profile, assume the cloud is as fast as this host (a conservative guess).
     cloud = LatencyProfile.from_dict(stored["cloud"]) if "cloud" in stored else host
     planner = Planner(manifest, device, cloud, encodings=(options.encoding,))
-    return PlannerAdapter(planner, load_network(options.network), link, options)
+    return PlannerAdapter(planner, load_network(options.network), link, options, clock)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from edgeexit.errors import LinkTimeout, OffloadError, PeerUnavailable
+from edgeexit.errors import ConfigError, LinkTimeout, OffloadError, PeerUnavailable
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -28,12 +28,22 @@ class BreakerOptions:
     failure_threshold: int = 3  # consecutive failures that open the circuit
     cooldown_s: float = 5.0  # how long it stays open before one probe is allowed
 
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or not self.cooldown_s >= 0:
+            raise ConfigError(f"breaker: failure_threshold must be >= 1 and cooldown_s >= 0 (--breaker-failures, "
+                              f"--breaker-cooldown-s), got {self.failure_threshold} and {self.cooldown_s}")
+
 
 @dataclass
 class RetryOptions:
     retries: int = 1  # extra attempts after the first, while the deadline allows
     backoff_s: float = 0.01  # first wait; doubles each retry
     max_backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ConfigError(f"retries must be >= 0 (--retries) and 0 <= backoff_s <= max_backoff_s, got "
+                              f"{self.retries}, {self.backoff_s} and {self.max_backoff_s}")
 
 
 class CircuitBreaker:

@@ -61,6 +61,17 @@ class ServerOptions:
     server_name: str = "edgeexit"
     server_version: str = "0.1.0"
 
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key as well")
+        if self.max_message_bytes <= 0 or self.workers <= 0:
+            raise ConfigError("max message bytes and workers must be positive")
+        for what, port in (("port", self.port), ("metrics port", self.metrics_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{what} {port} is not a TCP port; use 0..65535 (0 picks a free one)")
+
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 servicer over a dict of handlers; usable in-process (tests call its methods directly)."""
@@ -156,13 +167,7 @@ def build_server(handlers: list[ModelHandler], options: ServerOptions | None = N
 
     Pass ``metrics`` when the handlers record into it too (e.g. batch sizes); by default a fresh registry.
     """
-    options = options or ServerOptions()
-    if (options.tls_cert is None) != (options.tls_key is None):
-        raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    if options.tls_client_ca and not options.tls_cert:
-        raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key as well")
-    if options.max_message_bytes <= 0 or options.workers <= 0:
-        raise ConfigError("max message bytes and workers must be positive")
+    options = options or ServerOptions()  # the options checked themselves when made
     grpc_options = [
         ("grpc.max_receive_message_length", options.max_message_bytes),
         ("grpc.max_send_message_length", options.max_message_bytes),

@@ -27,6 +27,7 @@ from edgeexit.errors import InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
 from edgeexit.runtime.metrics import ServerMetrics
+from edgeexit.runtime.oip_input import decode_input
 from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, ServerTiming, TensorMeta
 from edgeexit.runtime.runner import SegmentRunner, check_tensor
 
@@ -72,23 +73,12 @@ class TailHandler:
 
     def decode(self, request: InferRequest) -> np.ndarray:
         """The request's one input as a validated float32 batch (raises InvalidTensor)."""
-        if len(request.inputs) != 1:
-            raise InvalidTensor(f"{self.name} takes exactly one input {self.input_spec.name!r}, "
-                                f"got {sorted(request.inputs) or 'none'}")
-        (name, t), = request.inputs.items()
-        if name != self.input_spec.name:
-            raise InvalidTensor(f"{self.name} takes input {self.input_spec.name!r}, not {name!r}")
-        if t.datatype == codec.PIXELS and self.start != 0:
+        t = request.inputs.get(self.input_spec.name)
+        if t is not None and t.datatype == codec.PIXELS and self.start != 0:
             raise InvalidTensor(f"{self.name}: {codec.PIXELS} is only for raw pixels sent to "
                                 f"{self.runner.manifest.name!r}; send the boundary tensor as FP32, FP16 or INT8")
-        try:
-            x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
-        except (ValueError, TypeError) as e:  # e.g. a scale or zero point that is not a number
-            raise InvalidTensor(f"{name}: cannot decode with the given parameters ({e}); check {codec.P_SCALE}, "
-                                f"{codec.P_ZERO} and {codec.P_COMPRESSION}") from e
+        x = decode_input(request, self.name, self.input_spec.name)
         check_tensor(x, self.input_spec)
-        if x.shape[0] == 0:
-            raise InvalidTensor(f"{name}: the batch is empty; send at least one row")
         return x
 
     def infer(self, request: InferRequest) -> InferResponse:

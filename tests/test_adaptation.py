@@ -3,10 +3,11 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from edgeexit.planner import ExitSetting, Planner
 from edgeexit.profiles import NetworkProfile
-from edgeexit.runtime.adaptation import AdaptOptions, BanditAdapter, PlannerAdapter, candidate_split
+from edgeexit.runtime.adaptation import Adapter, AdaptOptions, BanditAdapter, PlannerAdapter, candidate_split
 from edgeexit.runtime.link_stats import LinkStats
 from tests.test_planner import profile, synthetic
 
@@ -65,6 +66,18 @@ def test_probe_only_while_nothing_is_offloaded():
     assert gaps[:3] == [1.0, 2.0, 4.0] and set(gaps[3:]) == {4.0}
     assert adapter.probe_split() == 1  # the boundary with the fewest bytes
     assert candidate_split(adapter.choice) == "device"
+
+
+def test_both_adapters_implement_the_adapter_protocol():
+    adapter, _, _ = _adapter()
+    bandit = BanditAdapter(2, device_ms=[1, 1, 1])
+    assert isinstance(adapter, Adapter) and isinstance(bandit, Adapter)
+    assert adapter.choose() == candidate_split(adapter.choice)  # a split value, not a planner candidate
+    cloud_ms = adapter.planner.cloud_ms
+    assert adapter.expected_cloud_s(0, 3) == pytest.approx(3 * sum(cloud_ms[1:]) / 1000)
+    assert adapter.expected_cloud_s("cloud", 2) == pytest.approx(2 * sum(cloud_ms) / 1000)
+    assert adapter.expected_cloud_s("device", 5) == 0.0
+    assert bandit.arms == [0, 1, "device"] and not bandit.probe_due() and bandit.expected_cloud_s(0, 4) == 0.0
 
 
 def _result(conf, device_ms, network_ms):

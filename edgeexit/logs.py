@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 OWN = "edgeexit"  # our loggers' prefix: what `verbose=False` keeps below ERROR
-_MARK = "_edgeexit_handler"  # set on the handlers configure() installs, so a second call replaces them
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,6 +61,22 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (test runners swap it), unless given a stream."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream)
+        self._fixed = stream
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return self._fixed or sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO | None) -> None:
+        self._fixed = value
+
+
 class _OwnOrSevere(logging.Filter):
     """Keeps edgeexit's records, and other libraries' only from ERROR up."""
 
@@ -76,10 +91,9 @@ def configure(json: bool = False, level: int = logging.INFO, verbose: bool = Fal
     ``json``: JSON lines (agent, service) instead of text; ``level``: the lowest level shown (INFO: nothing of
     ours is dropped); ``verbose``: also third-party records below ERROR and Python warnings."""
     root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, _MARK, False)]:
+    for h in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    setattr(handler, _MARK, True)
+    handler = _Stderr(stream)
     handler.setFormatter(JsonFormatter() if json else TextFormatter(prog))
     if not verbose:
         handler.addFilter(_OwnOrSevere())
@@ -105,11 +119,13 @@ def native_output_hidden(hide: bool = True) -> Iterator[None]:
     if not hide:
         yield
         return
-    ours = [h for h in logging.getLogger().handlers if getattr(h, _MARK, False)]
+    ours = [h for h in logging.getLogger().handlers if isinstance(h, _Stderr)]
     sys.stderr.flush()
     saved_fd = os.dup(2)
     real = os.fdopen(saved_fd, "w", buffering=1)
-    before = [h.setStream(real) for h in ours]
+    before = [h._fixed for h in ours]
+    for h in ours:
+        h.setStream(real)
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         failed = False
@@ -124,7 +140,8 @@ def native_output_hidden(hide: bool = True) -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved_fd, 2)
             for h, old in zip(ours, before, strict=True):
-                h.setStream(old)
+                h.flush()
+                h.stream = old
             if failed:
                 sink.seek(0)
                 sys.stderr.write(sink.read()[-20000:].decode(errors="replace"))

@@ -4,9 +4,8 @@ publish the bundle atomically (written to a temporary directory and renamed at t
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,22 @@ from edgeexit.exporters.validate import validate_bundle, validation_inputs
 from edgeexit.runtime.codec import ENCODINGS, encoded_bytes
 from edgeexit.runtime.runner import normalize
 
+logger = logging.getLogger(__name__)
+
 
 class Progress:
-    """Log lines to stderr so stdout stays clean for scripts."""
+    """One log line per phase: INFO, or DEBUG when ``ExportOptions.progress`` is off (edgeexit.logs shows them
+    on stderr, so stdout stays clean for scripts)."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
+        self.level = logging.INFO if enabled else logging.DEBUG
 
     def __call__(self, msg: str) -> None:
-        if self.enabled:
-            print(f"[export {time.perf_counter() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+        logger.log(self.level, msg)
 
     def warn(self, msg: str) -> None:
-        """Warnings print even when progress is off: they change what the bundle can do."""
-        print(f"edgeexit export: WARNING: {msg}", file=sys.stderr, flush=True)
+        """Warnings show even when progress is off: they change what the bundle can do."""
+        logger.warning(msg)
 
 
 @dataclass

@@ -10,27 +10,27 @@ An app on the device calls it with an unmodified tritonclient (model ``<model>``
 
 Response parameters add the batch's latency breakdown as int64 microseconds (``edgeexit.device_us``,
 ``encode_us``, ``network_us``, ``total_us``, and ``cloud_us`` when the cloud reported its time),
-``edgeexit.bytes_sent``, ``edgeexit.split`` and, after a fallback, ``edgeexit.fallback``. Logs are one JSON
-object per line on stderr (events: start, ready, fallback, circuit, stop); Prometheus metrics share the server's
-registry.
+``edgeexit.bytes_sent``, ``edgeexit.split`` and, after a fallback, ``edgeexit.fallback``. Events (start, ready,
+fallback, circuit, probe, stop) go through stdlib logging; `edgeexit agent` writes them, like every other record,
+as one JSON object per line on stderr (edgeexit.logs). Prometheus metrics share the server's registry.
 Never imports torch.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import signal
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from edgeexit.errors import ConfigError
+from edgeexit.hostport import parse_hostport
+from edgeexit.logs import event
 from edgeexit.runtime.decided import DECIDED_CODES
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.metrics import LATENCY_BUCKETS
@@ -40,20 +40,7 @@ from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_serve
 
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 INPUT_DATATYPES = ("FP32", "FP16")  # raw [0, 1] pixels
-
-
-class EventLog:
-    """One JSON object per line: machine-readable logs that journald and log shippers keep intact."""
-
-    def __init__(self, stream: TextIO | None = None):
-        self._stream = stream or sys.stderr
-        self._lock = threading.Lock()
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"ts": round(time.time(), 3), "event": event, **fields}, default=str)
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+log = logging.getLogger(__name__)
 
 
 class AgentMetrics:
@@ -157,20 +144,20 @@ def parse_listen(listen: str) -> tuple[str, int, str | None]:
         if not path:
             raise ConfigError("--listen unix:PATH needs a socket path")
         return "127.0.0.1", 0, path
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"--listen {listen!r}: use HOST:PORT (e.g. 127.0.0.1:8001) or unix:PATH")
-    return host.strip("[]"), int(port), None
+    try:
+        host, port = parse_hostport(listen, "--listen")
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or unix:PATH") from None
+    return host, port, None
 
 
 class Agent:
     """Build, start and stop the agent; ``serve_forever`` blocks until SIGTERM/SIGINT."""
 
-    def __init__(self, bundle: str | Path, options: AgentOptions, log: EventLog | None = None):
+    def __init__(self, bundle: str | Path, options: AgentOptions):
         self.options = options
-        self.log = log or EventLog()
-        self.log("start", bundle=str(bundle), split=str(options.device.split), cloud=options.device.cloud,
-                 encoding=options.device.encoding, on_failure=options.device.on_failure)
+        event(log, "start", bundle=str(bundle), split=str(options.device.split), cloud=options.device.cloud,
+              encoding=options.device.encoding, on_failure=options.device.on_failure)
         self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
         self.handler = AgentHandler(self.runtime)
         self.unix_path = parse_listen(options.listen)[2]
@@ -190,15 +177,15 @@ class Agent:
 
     def start(self) -> Agent:
         self.handle.start()
-        self.log("ready", target=self.target, model=self.runtime.model_name, split=str(self.runtime.split),
-                 cloud_model=self.runtime.cloud_model, metrics_port=self.handle.metrics_port)
+        event(log, "ready", target=self.target, model=self.runtime.model_name, split=str(self.runtime.split),
+              cloud_model=self.runtime.cloud_model, metrics_port=self.handle.metrics_port)
         return self
 
     def stop(self) -> None:
         self.handle.stop(self.options.grace_s)  # drains in-flight requests, then closes the runtime
         if self.unix_path:
             Path(self.unix_path).unlink(missing_ok=True)
-        self.log("stop")
+        event(log, "stop")
 
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,12 +195,12 @@ class Agent:
         self._stop.wait()
         self.stop()
 
-    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
-        self.log(event, **fields)
+    def _on_event(self, name: str, fields: dict[str, Any]) -> None:
+        event(log, name, **fields)
         metrics = getattr(self, "metrics", None)
         if metrics is None:
             return
-        if event == "fallback":
+        if name == "fallback":
             metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
-        elif event == "circuit":
+        elif name == "circuit":
             metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))

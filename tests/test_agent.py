@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import urllib.request
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 import tritonclient.grpc as tc
 
 from edgeexit.errors import ConfigError
+from edgeexit.logs import JsonFormatter
 from edgeexit.policies import softmax
-from edgeexit.runtime.agent import Agent, AgentOptions, EventLog, parse_listen
+from edgeexit.runtime.agent import Agent, AgentOptions, parse_listen
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.decided import CLOUD, DECIDED_CODES
 from edgeexit.runtime.device import DeviceOptions
@@ -37,16 +39,31 @@ def local_final(bundle, x):
 
 
 @pytest.fixture
+def agent_log():
+    """The agent's event lines, formatted as `edgeexit agent` writes them (one JSON object per line)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("edgeexit.runtime.agent")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
 def cloud(agent_bundle):
     handle = build_server(build_handlers(agent_bundle), ServerOptions()).start()
     yield handle
     handle.stop(0.5)
 
 
-def test_agent_in_process_via_tritonclient(agent_bundle, cloud, raw_batch):
-    log = io.StringIO()
+def test_agent_in_process_via_tritonclient(agent_bundle, cloud, raw_batch, agent_log):
+    log = agent_log
     opts = AgentOptions(DeviceOptions(policy="never", split=0, cloud=cloud.target), listen="127.0.0.1:0")
-    agent = Agent(agent_bundle, opts, EventLog(log)).start()
+    agent = Agent(agent_bundle, opts).start()
     try:
         client, res = triton_infer(agent.target, agent.runtime.model_name, raw_batch)
         meta = client.get_model_metadata(agent.runtime.model_name)
@@ -71,11 +88,11 @@ def test_agent_in_process_via_tritonclient(agent_bundle, cloud, raw_batch):
     assert events == ["start", "ready", "stop"]
 
 
-def test_agent_logs_and_counts_fallbacks_when_the_cloud_is_down(agent_bundle, raw_batch):
-    log = io.StringIO()
+def test_agent_logs_and_counts_fallbacks_when_the_cloud_is_down(agent_bundle, raw_batch, agent_log):
+    log = agent_log
     dev = DeviceOptions(policy="never", split=0, cloud=f"127.0.0.1:{free_port()}", deadline_ms=200)
     dev.breaker.failure_threshold = 1
-    agent = Agent(agent_bundle, AgentOptions(dev, listen="127.0.0.1:0"), EventLog(log)).start()
+    agent = Agent(agent_bundle, AgentOptions(dev, listen="127.0.0.1:0")).start()
     try:
         client, res = triton_infer(agent.target, agent.runtime.model_name, raw_batch)
         assert (res.as_numpy("decided") == DECIDED_CODES["device-fallback"]).all()
@@ -92,8 +109,7 @@ def test_agent_logs_and_counts_fallbacks_when_the_cloud_is_down(agent_bundle, ra
 
 def test_agent_listens_on_a_unix_socket(agent_bundle, tmp_path, raw_batch):
     path = tmp_path / "agent.sock"
-    agent = Agent(agent_bundle, AgentOptions(DeviceOptions(policy="never"), listen=f"unix:{path}"),
-                  EventLog(io.StringIO())).start()
+    agent = Agent(agent_bundle, AgentOptions(DeviceOptions(policy="never"), listen=f"unix:{path}")).start()
     try:
         assert agent.target == f"unix:{path}" and path.exists()
         with InferenceClient(agent.target) as c:

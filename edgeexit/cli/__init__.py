@@ -3,18 +3,22 @@
 Each command module defines ``register(subparsers)`` and keeps its imports light at module level (heavy
 imports such as torch go inside the function that runs the command), so `edgeexit agent` never imports
 torch and `--help` is instant. User errors (``EdgeExitError``) print one line and exit 2, no traceback.
+Logging is configured here, once, for every command (edgeexit.logs): JSON lines for agent and serve.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
+from edgeexit import logs
 from edgeexit.errors import EdgeExitError
 
-# Subcommand name -> module in edgeexit.cli. A command whose module is not there yet is simply not listed.
+# Subcommand name -> module in edgeexit.cli.
 COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "netsim", "bench", "demo"]
+JSON_LOGS = {"agent", "serve"}  # long-running services: one JSON object per log line (edgeexit.logs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,19 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"edgeexit.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"edgeexit.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"edgeexit.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # One logging path for every command; --quiet keeps warnings only, --verbose shows other libraries' noise.
+    logs.configure(json=args.command in JSON_LOGS, level=logging.WARNING if getattr(args, "quiet", False)
+                   else logging.INFO, verbose=getattr(args, "verbose", False), prog=args.command)
     try:
         rc = args.func(args)
     except EdgeExitError as e:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeexit.bundle import Bundle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,15 +38,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name in the manifest (default: --out without .edgeexit)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what torch, litert and the converters print (FutureWarnings, op counts ...)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from edgeexit.errors import ConfigError
-    from edgeexit.exporters.options import ExportOptions, parse_list, parse_normalize, parse_shape
+    from edgeexit.logs import native_output_hidden
 
     if not args.model and not args.factory:
         raise ConfigError("give a MODEL file, or --model pkg.mod:factory --weights state_dict.pt")
+    # Third-party noise (torch/litert FutureWarnings, converter op counts, delegate banners) only with --verbose.
+    with native_output_hidden(not args.verbose):
+        bundle = _export(args)
+    m = bundle.manifest
+    print(f"{bundle.root}: {len(m.segments)} segments, {len(m.exits)} exits, formats {bundle.formats}")
+    for seg in m.segments:
+        print(f"  segment {seg.index}: exits {seg.exits}, {seg.flops / 1e6:.2f} MFLOPs, {seg.param_bytes} param bytes")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> Bundle:
+    from edgeexit.exporters.options import ExportOptions, parse_list, parse_normalize, parse_shape
+
     opts = ExportOptions(
         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
         split_points=args.split_points, opset=args.opset, formats=parse_list(args.formats),
@@ -54,9 +73,4 @@ def run(args: argparse.Namespace) -> int:
     opts.check()
     from edgeexit.exporters import export_model
 
-    bundle = export_model(args.model, args.out, options=opts)
-    m = bundle.manifest
-    print(f"{bundle.root}: {len(m.segments)} segments, {len(m.exits)} exits, formats {bundle.formats}")
-    for seg in m.segments:
-        print(f"  segment {seg.index}: exits {seg.exits}, {seg.flops / 1e6:.2f} MFLOPs, {seg.param_bytes} param bytes")
-    return 0
+    return export_model(args.model, args.out, options=opts)

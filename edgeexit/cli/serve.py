@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
 
 from edgeexit.cli.common import add_backend_args
@@ -42,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from edgeexit.errors import ConfigError
+    from edgeexit.logs import event
     from edgeexit.runtime.batching import BatchOptions
     from edgeexit.runtime.metrics import ServerMetrics
     from edgeexit.runtime.oip_server import ServerOptions, build_server
     from edgeexit.runtime.security import read_token_file
     from edgeexit.runtime.service import ServiceOptions, build_handlers
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_message_mb <= 0 or args.threads < 1 or args.workers < 1:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")
     batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms)
@@ -66,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     models = ", ".join(h.name for h in handlers)
     extra = f"; metrics on {args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    log = logging.getLogger("edgeexit.serve")
+    event(log, "ready", target=f"{args.host}:{server.port}", models=[h.name for h in handlers],
+          metrics_port=server.metrics_port)
     print(f"serving {models}{extra}", flush=True)
-    print(f"ready on {args.host}:{server.port}", flush=True)
+    print(f"ready on {args.host}:{server.port}", flush=True)  # the line launchers wait for
     while not stop.wait(0.5):
         pass
-    print("draining in-flight requests", file=sys.stderr, flush=True)
+    event(log, "draining", grace_s=args.drain_seconds)
     server.stop(args.drain_seconds)
-    print("stopped", file=sys.stderr, flush=True)
+    event(log, "stop")
     return 0

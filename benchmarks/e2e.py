@@ -1,9 +1,10 @@
-"""End-to-end benchmark: the same code as `edgeexit bench` (see `edgeexit bench --help`).
+"""The end-to-end split-computing benchmark: the same code as `edgeexit bench` (see `edgeexit bench --help`).
 
-    .venv/bin/python benchmarks/e2e.py [--model artifacts/resnet_exits.pt2 | --bundle B] [--samples 20] ...
+    .venv/bin/python benchmarks/e2e.py [--bundle artifacts/camera_resnet.edgeexit] [--samples 200] ...
 
-Writes benchmarks/results/bench.json, bench.md and bench.png; the last stdout line is one JSON object with
-edgeexit_over_oracle_worst and edgeexit_over_best_baseline_mean.
+Writes benchmarks/results/bench.json, bench.md and bench.png; the last stdout line is one JSON object
+(worst_over_oracle, mean_over_oracle, distinct_winners, best/mean_speedup_over_baselines, cost_model_error,
+samples_per_condition, emulation).
 """
 
 from __future__ import annotations

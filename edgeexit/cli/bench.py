@@ -1,29 +1,33 @@
-"""`edgeexit bench`: the end-to-end benchmark (edgeexit.testbed.bench), real agent + service over emulated
-networks."""
+"""`edgeexit bench`: the end-to-end split-computing benchmark (edgeexit.testbed.bench), real agent + service
+processes over emulated networks and EMULATED device classes."""
 
 from __future__ import annotations
 
 import argparse
 
 from edgeexit.testbed import bench  # light at import: its docstring is the command's description
-from edgeexit.testbed.bench import DEFAULT_NETWORKS
+from edgeexit.testbed.bench import DEFAULT_DEVICES, DEFAULT_MODEL, DEFAULT_NETWORKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="end-to-end benchmark: real agent + service over emulated networks",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="artifacts/resnet_exits.pt2",
-                     help="a trained model to export first (default artifacts/resnet_exits.pt2)")
-    src.add_argument("--bundle", help="an exported NAME.edgeexit (calibrated and profiled here if it is not)")
-    p.add_argument("--device", default="raspberry-pi-4",
-                   help="device class to EMULATE on the agent (devices/classes; 'host' = no emulation)")
-    p.add_argument("--networks", default=DEFAULT_NETWORKS, help=f"network profiles to run (default {DEFAULT_NETWORKS})")
-    p.add_argument("--samples", type=int, default=20,
-                   help="Fashion-MNIST test images per network, spread evenly over the 10k (default 20: bounded "
-                        "for a shared 2-core machine; raise it on a quiet one)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up requests per agent and network, excluded (3)")
-    p.add_argument("--deadline-ms", type=float, default=1000.0, help="the agents' per-request deadline (1000)")
+    p.add_argument("--bundle", default=DEFAULT_MODEL,
+                   help="an exported NAME.edgeexit, calibrated and profiled here if it is not "
+                        f"(default {DEFAULT_MODEL}, which `make bench` exports from the shipped camera model)")
+    p.add_argument("--devices", default=DEFAULT_DEVICES,
+                   help=f"device classes to EMULATE (devices/classes; default {DEFAULT_DEVICES})")
+    p.add_argument("--networks", default=DEFAULT_NETWORKS, help=f"network profiles (default {DEFAULT_NETWORKS})")
+    p.add_argument("--samples", type=int, default=200,
+                   help="test images per condition, every strategy answering each (default 200; the default grid "
+                        "takes ~20 min on 2 cores; raise it for tighter intervals on a quiet machine)")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up requests per agent and condition, excluded (10)")
+    p.add_argument("--deadline-ms", type=float, default=3000.0, help="the agents' per-request deadline (3000)")
+    p.add_argument("--emulation", choices=("auto", "cgroup", "stretch"), default="auto",
+                   help="how agents EMULATE the device: a CPU quota on the whole process (cgroup, as root), a "
+                        "stretch of segment compute, or auto (cgroup when possible)")
+    p.add_argument("--no-bandit", action="store_true", help="skip the bandit strategy (--adapt bandit)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--out", default="benchmarks/results", help="where bench.json/.md/.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -32,11 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from edgeexit.testbed.bench import BenchOptions, bench
+    from edgeexit.testbed.bench import BenchOptions
 
-    bundle = Path(args.bundle) if args.bundle else None
-    bench(BenchOptions(model=None if bundle else Path(args.model), bundle=bundle, device=args.device,
-                       networks=[n.strip() for n in args.networks.split(",") if n.strip()], samples=args.samples,
-                       warmup=args.warmup, deadline_ms=args.deadline_ms, out=Path(args.out),
-                       progress=not args.no_progress))
+    def names(text: str) -> list[str]:
+        return [n.strip() for n in text.split(",") if n.strip()]
+
+    bench.bench(BenchOptions(bundle=Path(args.bundle), devices=names(args.devices), networks=names(args.networks),
+                             samples=args.samples, warmup=args.warmup, deadline_ms=args.deadline_ms,
+                             emulation=args.emulation, bandit=not args.no_bandit, out=Path(args.out),
+                             progress=not args.no_progress, seed=args.seed))
     return 0

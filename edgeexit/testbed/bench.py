@@ -1,80 +1,183 @@
-"""The end-to-end benchmark behind `edgeexit bench`. Fashion-MNIST test samples through real `edgeexit agent`
-and `edgeexit serve` processes over an emulated link, per network profile, for six strategies:
+"""The end-to-end split-computing benchmark behind `edgeexit bench`.
 
-- device-only: the full model on the device, no early exit (``--split device --policy never``);
-- cloud-only: send the input (``--split cloud``);
-- neurosurgeon: the best static split without exits, picked from MEASUREMENTS (the fastest of every
-  ``--split N --policy never``, device-only and cloud-only under that network: an upper bound for
-  Neurosurgeon, which picks from a model);
+Real `edgeexit agent` and `edgeexit serve` processes over an emulated link, for every condition of a grid of
+EMULATED device classes x network profiles, on the camera-class reference model (camera-resnet on
+Fashion-MNIST resized to 96x96). Strategies, each a long-lived agent per condition:
+
+- device-only: the whole model on the device, no early exit (``--split device --policy never``);
+- cloud-only: the raw uint8 input to the cloud's whole model (``--split cloud``);
+- neurosurgeon: the static split without exits that the cost model picks from the measured profiles and the
+  network (device-only, cloud-only or ``--split N --policy never``); measured as its own agent unless it is
+  identical to device-only or cloud-only, whose rows it then shares;
 - branchynet: local exits only (``--split device``, calibrated policy);
-- edgeexit: the planner with online adaptation (``--split auto --adapt planner``, calibrated policy,
-  ``--network`` prior = the network profile under test);
-- oracle: the fastest measured static configuration (every split point x {never, calibrated}, device, cloud).
+- cascade@N: the device's exits in segments 0..N, then the raw input to the cloud (``--split cascade@N``);
+- split@N: every static split with the calibrated policy, int8 boundary (``--split N``);
+- edgeexit: ``--split auto`` (the planner, with online adaptation to the measured link and server time);
+- bandit: ``--split auto --adapt bandit`` (SplitEE-style UCB, no cost model).
 
-The device's speed is EMULATED (``--emulate-device``: the agent stretches its compute by the device class's
-slowdown); the cloud is this host. Writes bench.json, bench.md and bench.png into --out; the last stdout
-line is one JSON object with ``edgeexit_over_oracle_worst`` and ``edgeexit_over_best_baseline_mean``.
+Method: per condition every strategy answers the same requests, interleaved request by request, warm-up
+excluded. Means and p95s carry 95% bootstrap intervals; the **best static configuration in hindsight** (with
+its interval) and the **per-request hindsight bound** are the two oracles; edgeexit / best static is a paired
+bootstrap ratio. The planner's expected latency for every strategy is printed next to the measured one.
+Device classes run concurrently (one service and link per class), networks one after another.
+
+The last stdout line is one JSON object: worst_over_oracle, mean_over_oracle, distinct_winners,
+best_speedup_over_baselines, mean_speedup_over_baselines, cost_model_error, samples_per_condition, emulation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeexit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edgeexit.testbed.experiment import Strategy
-    from edgeexit.testbed.experiment_report import Summary
+    from edgeexit.bundle import Manifest
+    from edgeexit.planner import Candidate, Planner
+    from edgeexit.testbed.experiment import Sample, Strategy
 
-DEFAULT_NETWORKS = "3g,4g,5g,wifi,congested"
-BASELINES = ("device-only", "cloud-only", "neurosurgeon", "branchynet")
-ORDER = ("device-only", "cloud-only", "neurosurgeon", "branchynet", "edgeexit", "oracle")
+DEFAULT_MODEL = "artifacts/camera_resnet.edgeexit"
+DEFAULT_DEVICES = "mid-range-phone,raspberry-pi-4,jetson-nano"
+DEFAULT_NETWORKS = "wifi,4g,3g,congested"
+BASELINES = ("device-only", "cloud-only")
+ADAPTIVE = ("edgeexit", "bandit")
 log = logging.getLogger(__name__)
 # Module-level imports stay light: `edgeexit --help` (and every command's parser) reads this docstring.
 
 
 @dataclass
 class BenchOptions:
-    model: Path | None  # a trained model to export first, or
-    bundle: Path | None  # an exported bundle (calibrated and profiled here if it is not)
-    device: str = "raspberry-pi-4"  # device class to EMULATE on the agents ("host" = no emulation)
+    bundle: Path = Path(DEFAULT_MODEL)  # exported; calibrated and profiled here if it is not
+    devices: list[str] = field(default_factory=lambda: DEFAULT_DEVICES.split(","))
     networks: list[str] = field(default_factory=lambda: DEFAULT_NETWORKS.split(","))
-    samples: int = 20
-    warmup: int = 3
-    deadline_ms: float = 1000.0
+    samples: int = 200  # requests per strategy and condition
+    warmup: int = 10  # per agent and condition, excluded
+    deadline_ms: float = 3000.0
+    emulation: str = "auto"  # auto | cgroup | stretch
+    bandit: bool = True
     out: Path = Path("benchmarks/results")
     progress: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.samples <= 0 or self.warmup < 0 or self.deadline_ms <= 0:
-            raise ConfigError("--samples and --deadline-ms must be positive and --warmup >= 0")
-        if not self.networks:
-            raise ConfigError("--networks is empty; give profile names such as 4g,wifi")
+        if self.samples < 2 or self.warmup < 0 or self.deadline_ms <= 0:
+            raise ConfigError("--samples must be >= 2, --warmup >= 0 and --deadline-ms positive")
+        if not self.networks or not self.devices:
+            raise ConfigError("--networks and --devices need at least one name each (e.g. 4g,wifi)")
 
 
-def strategies(num_split_points: int) -> list[Strategy]:
-    """Every measured strategy: the static configurations, then edgeexit (adaptive)."""
+@dataclass
+class DeviceRun:
+    """What one device class measured: rows per network, the planner it was predicted with, the emulation."""
+
+    device: str
+    rows: dict[str, list[Sample]] = field(default_factory=dict)
+    predicted: dict[str, dict[str, float]] = field(default_factory=dict)  # network -> strategy -> ms
+    choice: dict[str, str] = field(default_factory=dict)  # network -> the planner's choice (label)
+    neurosurgeon: dict[str, str] = field(default_factory=dict)  # network -> the strategy it resolved to
+    emulation: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def calibrated_setting(manifest: Manifest) -> str | None:
+    """The name of the planner's exit setting that the bundle's calibrated policy uses (None: uncalibrated)."""
+    from edgeexit.planner import exit_settings
+
+    policy = manifest.policy or {}
+    want = [float(t) for t in policy.get("thresholds") or []]
+    for s in exit_settings(manifest)[1:]:
+        if len(s.thresholds) == len(want) and all(abs(a - b) <= 1e-9 * max(1, abs(b)) for a, b in
+                                                  zip(s.thresholds, want, strict=True)):
+            return s.name
+    return None
+
+
+def cascade_points(manifest: Manifest) -> list[int]:
+    """Device prefixes worth a cascade: those that end with an early exit (a prefix past it only adds work)."""
+    final = len(manifest.exits) - 1
+    return [k for k, seg in enumerate(manifest.segments) if any(j < final for j in seg.exits)]
+
+
+def static_strategies(manifest: Manifest) -> list[Strategy]:
     from edgeexit.testbed.experiment import Strategy
 
-    static = [Strategy("device-only", "device", "never"), Strategy("cloud-only", "cloud", "never"),
-              Strategy("branchynet", "device")]
-    for s in range(num_split_points):
-        static += [Strategy(f"split@{s}/never", str(s), "never"), Strategy(f"split@{s}/calibrated", str(s))]
-    return [*static, Strategy("edgeexit", "auto", adapt="planner")]
+    out = [Strategy("device-only", "device", "never"), Strategy("cloud-only", "cloud", "never"),
+           Strategy("branchynet", "device")]
+    out += [Strategy(f"cascade@{k}", f"cascade@{k}") for k in cascade_points(manifest)]
+    out += [Strategy(f"split@{s}", str(s), encoding="int8") for s in range(len(manifest.split_points))]
+    return out
 
 
-def derive(by_strategy: dict[str, Summary]) -> dict[str, Summary]:
-    """Add neurosurgeon (best measured no-exit static split) and oracle (best measured static config)."""
-    from edgeexit.testbed.experiment_report import best_of
+def candidate_of(strategy: str, planner: Planner, net: Any, setting: str | None) -> Candidate | None:
+    """The planner's candidate that a static strategy runs (None when it has none)."""
+    from edgeexit.planner import NO_EXIT
 
-    measured = [n for n in by_strategy if n != "edgeexit"]
-    no_exit = [n for n in measured if n.endswith("/never") or n in ("device-only", "cloud-only")]
-    return {**by_strategy, "neurosurgeon": best_of(by_strategy, no_exit, "neurosurgeon"),
-            "oracle": best_of(by_strategy, measured, "oracle")}
+    label = {"device-only": f"device-only/{NO_EXIT}", "cloud-only": f"cloud-only/{NO_EXIT}",
+             "branchynet": f"device-only/{setting}"}.get(strategy)
+    if label is None and strategy.startswith("cascade@"):
+        label = f"{strategy}/{setting}"
+    elif label is None and strategy.startswith("split@"):
+        label = f"{strategy}/int8/{setting}"
+    return next((c for c in planner.candidates(net) if c.label == label), None)
+
+
+def neurosurgeon(planner_no_exit: Planner, net: Any) -> Strategy:
+    """Neurosurgeon: the fastest static split without exits by the cost model (profiles + network)."""
+    from edgeexit.runtime.splits import candidate_split
+    from edgeexit.testbed.experiment import Strategy
+
+    c = planner_no_exit.plan(net).choice
+    return Strategy("neurosurgeon", str(candidate_split(c)), "never", encoding=c.encoding or "fp32")
+
+
+def run_device(o: BenchOptions, device: str, x: Any, y: Any, bar: Any) -> DeviceRun:
+    """Every network for one EMULATED device class, on one service, one link and long-lived agents."""
+    from edgeexit.bundle import Bundle
+    from edgeexit.planner import NO_EXIT, Planner, exit_settings
+    from edgeexit.profiles import LatencyProfile, load_device_class, load_network
+    from edgeexit.testbed.experiment import Condition, Strategy, Testbed, TestbedOptions, run_condition
+
+    run = DeviceRun(device)
+    manifest = Bundle.load(o.bundle, verify=False).manifest
+    cls = load_device_class(device)
+    dev = LatencyProfile.from_dict(manifest.profiles["device"]).scaled(cls)
+    cloud = LatencyProfile.from_dict(manifest.profiles["cloud"])
+    planner = Planner(manifest, dev, cloud, encodings=("int8",))
+    plain = Planner(manifest, dev, cloud, settings=exit_settings(manifest)[:1], encodings=("int8",))
+    setting = calibrated_setting(manifest) or NO_EXIT
+    statics = static_strategies(manifest)
+    with Testbed(TestbedOptions(o.bundle, device, emulation=o.emulation, warmup=o.warmup, warmup_fresh=o.warmup,
+                                deadline_ms=o.deadline_ms)) as bed:
+        run.emulation = bed.emulation.to_dict()
+        for name in o.networks:
+            net = load_network(name)
+            cond = Condition.from_network(net)
+            ns = neurosurgeon(plain, net)
+            same = next((s.name for s in statics[:2] if (s.split, s.policy) == (ns.split, ns.policy)), None)
+            strategies = [*statics, *([] if same else [ns]), Strategy("edgeexit", "auto", encoding="int8")]
+            if o.bandit:
+                strategies.append(Strategy("bandit", "auto", adapt="bandit", encoding="int8"))
+            rows = run_condition(bed, strategies, cond, x, y, on_request=bar.update)
+            if same:  # neurosurgeon IS that static strategy: the same agent, the same rows
+                rows += [_renamed(r, "neurosurgeon") for r in rows if r.strategy == same]
+            run.rows[name] = rows
+            run.neurosurgeon[name] = same or f"split@{ns.split}/never"
+            predicted = {s.name: c.latency_ms for s in statics if (c := candidate_of(s.name, planner, net, setting))}
+            predicted["neurosurgeon"] = plain.plan(net).choice.latency_ms
+            choice = planner.plan(net).choice
+            predicted["edgeexit"] = choice.latency_ms
+            run.predicted[name], run.choice[name] = predicted, choice.label
+    return run
+
+
+def _renamed(row: Sample, name: str) -> Sample:
+    from dataclasses import replace
+
+    return replace(row, strategy=name)
 
 
 def run_bench(o: BenchOptions) -> dict[str, Any]:
@@ -82,79 +185,64 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     from edgeexit.bundle import Bundle
     from edgeexit.logs import ProgressBar
     from edgeexit.profiles import load_device_class, load_network
-    from edgeexit.testbed.experiment import Condition, Testbed, TestbedOptions, prepare_bundle, run_condition, subsample
-    from edgeexit.testbed.experiment_report import ratio_stats, summarize_all
+    from edgeexit.testbed.bench_report import analyse
+    from edgeexit.testbed.experiment import dataset_for, prepare_bundle, subsample
 
-    device = load_device_class(o.device)  # fail on a wrong name before any work
-    conditions = [Condition.from_network(load_network(n)) for n in o.networks]
-    work = Path(o.model).parent if o.model else Path("artifacts")
-    bundle, notes = prepare_bundle(o.model, o.bundle, work, say=log.info)
+    for d in o.devices:
+        load_device_class(d)  # fail on a wrong name before any work
+    for n in o.networks:
+        load_network(n)
+    bundle, notes = prepare_bundle(o.bundle, say=log.info)
+    o.bundle = bundle
     manifest = Bundle.load(bundle, verify=False).manifest
-    x_all, y_all = datasets.load("fashion-mnist", "test")
+    dataset = dataset_for(manifest)
+    x_all, y_all = datasets.load(dataset, "test")
     idx = subsample(o.samples, len(x_all))
     x, y = x_all[idx], y_all[idx]
-    strats = strategies(len(manifest.split_points))
-    emulated = f"EMULATED {device.name} (host compute x {device.slowdown:g})" if device.emulated else "host speed"
-    rows = []
-    with Testbed(TestbedOptions(bundle, device.name if device.emulated else None, warmup=o.warmup,
-                                deadline_ms=o.deadline_ms)) as bed:
-        for cond in conditions:
-            with ProgressBar(len(strats) * len(x), o.progress, f"bench {cond.name}", unit="req") as bar:
-                rows += run_condition(bed, strats, cond, x, y, on_request=bar.update)
-    table = {c: derive(by) for c, by in summarize_all(rows).items()}
-    over_oracle = [table[c.name]["edgeexit"].mean_ms / table[c.name]["oracle"].mean_ms for c in conditions]
-    over_base = [table[c.name]["edgeexit"].mean_ms / min(table[c.name][b].mean_ms for b in BASELINES)
-                 for c in conditions]
-    return {
-        "bundle": str(bundle), "model": manifest.name, "device": emulated, "device_class": device.name,
-        "emulated": device.emulated, "samples_per_network": int(len(x)), "warmup_per_agent": o.warmup,
-        "dataset": "fashion-mnist test, evenly spaced subsample", "deadline_ms": o.deadline_ms,
-        "networks": [asdict(c) for c in conditions], "notes": notes,
-        "neurosurgeon": "the fastest MEASURED static split without exits (incl. device-only and cloud-only)",
-        "results": {c: {s: asdict(v) for s, v in by.items()} for c, by in table.items()},
-        "edgeexit_over_oracle": dict(zip([c.name for c in conditions], over_oracle, strict=True)),
-        "edgeexit_over_best_baseline": dict(zip([c.name for c in conditions], over_base, strict=True)),
-        "edgeexit_over_oracle_worst": ratio_stats(over_oracle)["worst"],
-        "edgeexit_over_best_baseline_mean": ratio_stats(over_base)["mean"],
-        "_table": table,
-    }
+    per_condition = len(static_strategies(manifest)) + 2 + int(o.bandit)
+    total = len(o.devices) * len(o.networks) * per_condition * len(x)
+    runs: dict[str, DeviceRun] = {}
+    with ProgressBar(total, o.progress, "bench", unit="req") as bar:
+        lock = threading.Lock()
+
+        def update() -> None:
+            with lock:
+                bar.update()
+
+        def work(device: str) -> None:
+            try:
+                runs[device] = run_device(o, device, x, y, _Bar(update))
+            except Exception as e:  # reported below; the other device classes finish
+                log.exception("bench: device class %s failed", device)
+                runs[device] = DeviceRun(device, error=f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=work, args=(d,), name=f"bench-{d}") for d in o.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    failed = {d: r.error for d, r in runs.items() if r.error}
+    if failed:
+        raise ConfigError(f"the benchmark failed for {failed}; see the agents' logs")
+    result = analyse([runs[d] for d in o.devices], o, seed=o.seed)
+    result.update({"bundle": str(bundle), "model": manifest.name, "notes": notes,
+                   "dataset": f"{dataset} (Fashion-MNIST resized to {manifest.input.shape[-1]}x"
+                              f"{manifest.input.shape[-1]}), test split, {len(x)} evenly spaced images"})
+    return result
 
 
-def write_outputs(result: dict[str, Any], out: Path) -> str:
-    """bench.json, bench.md and bench.png into ``out``; returns the Markdown."""
-    from edgeexit.testbed.experiment_report import markdown, plot_latency_vs_bandwidth
-
-    table = result.pop("_table")
-    main = [by[s] for by in table.values() for s in ORDER]
-    every = [v for by in table.values() for s, v in by.items() if s not in ("neurosurgeon", "oracle", "edgeexit")]
-    md = (f"# edgeexit bench: {result['model']} on {result['device']}\n\n"
-          f"{result['samples_per_network']} Fashion-MNIST test images per network (evenly spaced over the 10k), "
-          f"{result['warmup_per_agent']} warm-up requests per agent excluded, one request at a time, strategies "
-          "interleaved sample by sample. Device compute is "
-          f"{'EMULATED' if result['emulated'] else 'measured on this host'}; cloud compute is this host "
-          "(from the service's metrics). Latency is what the app saw.\n\n"
-          + "".join(f"- note: {n}\n" for n in result["notes"]) + "\n"
-          + markdown(main) + "\n\nEvery static configuration measured (the oracle's pool):\n\n" + markdown(every)
-          + f"\n\nedgeexit / oracle (worst): {result['edgeexit_over_oracle_worst']:.3f}; edgeexit / best baseline "
-          f"(mean): {result['edgeexit_over_best_baseline_mean']:.3f}\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "bench.md").write_text(md)
-    bw = {n["name"]: n["up_mbit"] for n in result["networks"]}
-    series: dict[str, list[tuple[float, float]]] = {}
-    for cond, by in table.items():
-        for s in ORDER:
-            series.setdefault(s, []).append((bw[cond], by[s].mean_ms))
-    plot_latency_vs_bandwidth(out / "bench.png", {"networks: " + ", ".join(table): series},
-                              f"{result['model']}: measured latency per strategy; device {result['device']}")
-    return md
+class _Bar:
+    def __init__(self, update: Any) -> None:
+        self.update = update
 
 
 def bench(o: BenchOptions) -> dict[str, Any]:
-    """Run, write the outputs, print the Markdown and, last, the headline figures as one JSON line."""
+    """Run the benchmark, write bench.json/.md/.png into ``o.out`` and print the headline JSON last."""
+    import json
+
+    from edgeexit.testbed.bench_report import write_outputs
+
     result = run_bench(o)
     print(write_outputs(result, o.out))
-    print(f"wrote {o.out / 'bench.json'}, bench.md and bench.png")
-    print(json.dumps({"edgeexit_over_oracle_worst": round(result["edgeexit_over_oracle_worst"], 4),
-                      "edgeexit_over_best_baseline_mean": round(result["edgeexit_over_best_baseline_mean"], 4)}))
+    print(json.dumps(result["headline"]))
     return result

@@ -10,7 +10,7 @@ from edgeexit.bundle import Bundle
 from edgeexit.errors import ConfigError, InvalidTensor, LinkTimeout, PeerUnavailable
 from edgeexit.policies import make_policy, softmax
 from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
-from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK
+from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes, to_names
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.splits import auto_split
@@ -170,3 +170,12 @@ def test_breaker_opens_and_skips_the_cloud_then_probes_back(agent_bundle, raw_ba
     circuit = [f["new"] for e, f in events if e == "circuit"]
     assert circuit == ["open", "half-open", "closed"]
     assert sum(e == "fallback" for e, _ in events) == 3
+
+
+def test_decided_codes_and_their_inverse_round_trip():
+    names = [DEVICE, CLOUD, FALLBACK, DEVICE]
+    codes = to_codes(names)
+    assert codes.dtype == np.int32 and codes.tolist() == [0, 1, 2, 0]  # the agent's documented wire codes
+    assert to_names(codes) == names
+    with pytest.raises(InvalidTensor, match="unknown"):
+        to_names([7])

@@ -22,8 +22,7 @@ import numpy as np
 
 from edgeexit.errors import ConfigError
 from edgeexit.hostport import parse_hostport
-
-DECIDED_NAMES = {0: "device", 1: "cloud", 2: "device-fallback"}
+from edgeexit.runtime.decided import to_names
 
 
 @dataclass
@@ -179,7 +178,7 @@ class AgentClient:
         seconds = time.perf_counter() - t0
         out = outputs_from_pb(resp)
         return AgentAnswer(out["label"], out["probabilities"], out["exit"],
-                           [DECIDED_NAMES[int(c)] for c in out["decided"]], params_from_pb(resp.parameters), seconds)
+                           to_names(out["decided"]), params_from_pb(resp.parameters), seconds)
 
     def close(self) -> None:
         self._channel.close()

@@ -1,4 +1,4 @@
-"""`edgeexit demo BUNDLE`: serve + agent over an emulated network (edgeexit.testbed.demo)."""
+"""`edgeexit demo BUNDLE`: serve + agents over an emulated network (edgeexit.testbed.demo)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ from edgeexit.testbed import demo  # light at import: its docstring is the comma
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="serve + agent over an emulated network; stream a dataset through the agent",
-                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", help="path to NAME.edgeexit (calibrate it first to see early exits)")
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="first N samples only")
-    p.add_argument("--batch", type=int, default=100, help="rows per request the app sends (default 100)")
-    p.add_argument("--network", default="4g", help="network profile the link emulates (default 4g)")
+    p = sub.add_parser("demo", help="serve + agents over emulated networks: the planner's choice next to device-only "
+                                    "and cloud-only", description=demo.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="path to NAME.edgeexit (calibrated and profiled: see `make demo`)")
+    p.add_argument("--data", default=None,
+                   help="dataset (default: the Fashion-MNIST variant of the bundle's input size: fashion-mnist-96)")
+    p.add_argument("--networks", default="4g,wifi", help="network profiles the link emulates, one after another "
+                                                         "(default 4g,wifi)")
     p.add_argument("--emulate-device", default="raspberry-pi-4", metavar="CLASS",
-                   help="device class whose slowdown the agent emulates (default raspberry-pi-4; 'host' = none)")
-    p.add_argument("--encoding", default="int8", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--agent-split", default="auto",
-                   help="the agent's --split: auto (the planner's choice, adapted online), N, device or cloud")
+                   help="device class the agents EMULATE (default raspberry-pi-4; 'host' = none)")
+    p.add_argument("--emulation", choices=("auto", "cgroup", "stretch"), default="auto",
+                   help="a CPU quota on the whole agent process (cgroup, as root) or a stretch of its compute")
+    p.add_argument("--samples", type=int, default=40, help="test images per network (default 40)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up requests per agent and network (default 5)")
     p.add_argument("--work", default="artifacts/demo", help="folder for the processes' logs")
     p.set_defaults(func=run)
 
@@ -29,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     return demo.run_demo(demo.DemoOptions(
-        args.bundle, data=args.data, split=args.split, limit=args.limit, batch=args.batch, network=args.network,
-        emulate_device=args.emulate_device, encoding=args.encoding, agent_split=args.agent_split,
+        Path(args.bundle), data=args.data, networks=[n.strip() for n in args.networks.split(",") if n.strip()],
+        device=args.emulate_device, emulation=args.emulation, samples=args.samples, warmup=args.warmup,
         work=Path(args.work)))

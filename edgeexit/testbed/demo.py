@@ -1,89 +1,103 @@
 """The whole system on one machine, behind `edgeexit demo`.
 
-Starts `edgeexit serve` and `edgeexit agent` as real processes with an emulated network between them
-(a userspace relay shaped like a network profile), sends a dataset split through the agent the way an app
-would (OIP v2 requests of ``batch`` rows), prints accuracy and where each answer was decided, and stops both
-processes cleanly.
+Starts `edgeexit serve` and `edgeexit agent` processes (one agent per strategy) with an emulated network
+between them (a userspace relay shaped like a network profile) and an EMULATED device class, then, per
+network, sends the same test images through every agent the way an app would (one OIP v2 request per
+image, strategies interleaved image by image) and prints what each answered: the planner's choice
+(``--split auto``) next to device-only and cloud-only, with measured latency, accuracy and where the
+answers were decided. Every process stops cleanly at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeexit.errors import ConfigError
 
+STRATEGIES = ("device-only", "cloud-only", "edgeexit")
+
 
 @dataclass
 class DemoOptions:
-    bundle: str  # path to NAME.edgeexit
-    data: str = "fashion-mnist"
-    split: str = "test"
-    limit: int | None = None  # first N samples only
-    batch: int = 100  # rows per request the app sends
-    network: str = "4g"  # network profile the link emulates
-    emulate_device: str = "raspberry-pi-4"  # device class whose slowdown the agent emulates ("host" = none)
-    encoding: str = "int8"
-    agent_split: str = "auto"  # the agent's --split
+    bundle: Path  # an exported, calibrated and profiled NAME.edgeexit
+    data: str | None = None  # None = the Fashion-MNIST variant of the bundle's input size
+    networks: list[str] = field(default_factory=lambda: ["4g", "wifi"])
+    device: str = "raspberry-pi-4"  # device class the agents EMULATE ("host" = none)
+    emulation: str = "auto"  # auto | cgroup | stretch
+    samples: int = 40  # test images per network, spread over the split
+    warmup: int = 5
     work: Path = Path("artifacts/demo")  # the processes' logs
 
     def __post_init__(self) -> None:
-        if self.batch < 1:
-            raise ConfigError("--batch must be at least 1")
+        if self.samples < 1 or self.warmup < 0:
+            raise ConfigError("--samples must be at least 1 and --warmup at least 0")
+        if not self.networks:
+            raise ConfigError("--networks needs at least one profile name, e.g. 4g,wifi")
 
 
 def run_demo(o: DemoOptions) -> int:
-    """Run the demo, print its report; 0 when both processes stopped cleanly."""
+    """Run the demo and print its report; 0 when every process stopped cleanly."""
     import numpy as np
 
     from edgeexit import datasets
     from edgeexit.bundle import Bundle
-    from edgeexit.logs import ProgressBar
-    from edgeexit.profiles import load_device_class, load_network
+    from edgeexit.planner import Planner
+    from edgeexit.profiles import LatencyProfile, load_device_class, load_network
     from edgeexit.reports import markdown_table
-    from edgeexit.testbed.experiment import Condition
-    from edgeexit.testbed.harness import AgentClient, launch
-    from edgeexit.testbed.netsim import Relay
+    from edgeexit.testbed.experiment import (
+        Condition,
+        Strategy,
+        Testbed,
+        TestbedOptions,
+        dataset_for,
+        run_condition,
+        subsample,
+    )
 
     bundle = Bundle.load(o.bundle)
-    net = load_network(o.network)
-    device = load_device_class(o.emulate_device)
-    x, y = datasets.load(o.data, o.split, o.limit)
-    want = [int(d) for d in bundle.manifest.input.shape[1:]]
-    if list(x.shape[1:]) != want:
-        raise ConfigError(f"{o.data} samples are {list(x.shape[1:])} but {bundle.name} takes {want}; "
+    m = bundle.manifest
+    nets = [load_network(n) for n in o.networks]
+    device = load_device_class(o.device)
+    data = o.data or dataset_for(m)
+    x_all, y_all = datasets.load(data, "test")
+    want = [int(d) for d in m.input.shape[1:]]
+    if list(x_all.shape[1:]) != want:
+        raise ConfigError(f"{data} samples are {list(x_all.shape[1:])} but {bundle.name} takes {want}; "
                           "pick the dataset the model was trained on")
-    work = Path(o.work)
-    emulated = f"EMULATED {device.name} (x{device.slowdown:g})" if device.emulated else "this host (no emulation)"
-    print(f"demo: {len(y)} {o.data}/{o.split} samples, device {emulated}, link {net.name} "
-          f"(up {net.up_mbit:g} Mbit/s, RTT {net.rtt_ms:g} ms), split {o.agent_split}, "
-          f"{o.encoding} boundary tensors")
-    rows = {"device": [0, 0], "cloud": [0, 0], "device-fallback": [0, 0]}  # decided -> [count, correct]
-    seconds, sent = [], 0
-    with launch("serve", ["serve", o.bundle, "--port", "0"], work) as serve, \
-            Relay(serve.address, Condition.from_network(net).link()) as relay:
-        cloud = f"{relay.address[0]}:{relay.address[1]}"
-        agent_args = ["agent", o.bundle, "--cloud", cloud, "--listen", "127.0.0.1:0", "--split", o.agent_split,
-                      "--network", o.network, "--encoding", o.encoding, "--emulate-device", o.emulate_device]
-        with launch("agent", agent_args, work) as agent, AgentClient(agent.target, bundle.name) as app, \
-                ProgressBar(len(y), True, "agent", unit="img") as bar:
-            for start in range(0, len(y), o.batch):
-                ans = app.infer(x[start:start + o.batch])
-                seconds.append(ans.seconds)
-                sent += int(ans.params.get("edgeexit.bytes_sent", 0))
-                for where, label, truth in zip(ans.decided, ans.labels, y[start:start + o.batch], strict=True):
-                    rows[where][0] += 1
-                    rows[where][1] += int(label == truth)
-                bar.update(len(ans.labels))
-    codes = {"agent": agent.popen.returncode, "serve": serve.popen.returncode}  # both stopped by now
-    total = sum(c for c, _ in rows.values())
-    print(f"\naccuracy {100 * sum(k for _, k in rows.values()) / total:.2f}% on {total} samples")
-    print(markdown_table(["decided", "rows", "share", "accuracy"],
-                         [[where, str(count), f"{100 * count / total:.1f}%",
-                           f"{100 * correct / count:.2f}%" if count else "-"]
-                          for where, (count, correct) in rows.items()], left=1))
-    lat = np.array(seconds) * 1e3
-    print(f"\nper request of {o.batch} rows: mean {lat.mean():.1f} ms, p95 {np.percentile(lat, 95):.1f} ms; "
-          f"{sent / total:.0f} bytes sent per sample; relay carried {relay.stats.bytes_up} bytes up")
-    print(f"stopped cleanly: agent exit {codes['agent']}, serve exit {codes['serve']} (logs in {work})")
-    return 0 if codes == {"agent": 0, "serve": 0} else 1
+    missing = [r for r in ("device", "cloud") if r not in m.profiles]
+    if missing:
+        raise ConfigError(f"the bundle has no {' or '.join(missing)} latency profile: run `edgeexit profile "
+                          f"{o.bundle} --role {missing[0]} --store` first")
+    idx = subsample(o.samples, len(x_all))
+    x, y = x_all[idx], y_all[idx]
+    planner = Planner(m, LatencyProfile.from_dict(m.profiles["device"]).scaled(device),
+                      LatencyProfile.from_dict(m.profiles["cloud"]), encodings=("int8",))
+    strategies = [Strategy("device-only", "device", "never"), Strategy("cloud-only", "cloud", "never"),
+                  Strategy("edgeexit", "auto", encoding="int8")]
+    o.work.mkdir(parents=True, exist_ok=True)
+    with Testbed(TestbedOptions(o.bundle, device.name if device.emulated else None, emulation=o.emulation,
+                                warmup=o.warmup, warmup_fresh=o.warmup, log_dir=o.work)) as bed:
+        print(f"demo: {bundle.name}, {len(x)} {data} test images per network, device "
+              f"{bed.emulation.describe()}; the cloud is this host")
+        for net in nets:
+            rows = run_condition(bed, strategies, Condition.from_network(net), x, y)
+            plan = planner.plan(net)
+            print(f"\n== {net.name}: up {net.up_mbit:g} Mbit/s, RTT {net.rtt_ms:g} ms (EMULATED link). The planner "
+                  f"chooses {plan.choice.label} (expected {plan.choice.latency_ms:.1f} ms)")
+            table = []
+            for s in STRATEGIES:
+                mine = [r for r in rows if r.strategy == s]
+                wall = np.array([r.wall_ms for r in mine])
+                where = {d: sum(r.decided == d for r in mine) for d in ("device", "cloud", "device-fallback")}
+                used = sorted({r.split for r in mine})
+                table.append([s, f"{wall.mean():.1f}", f"{np.percentile(wall, 95):.1f}",
+                              f"{100 * np.mean([r.label == r.truth for r in mine]):.1f}%",
+                              " / ".join(str(where[d]) for d in where), f"{np.mean([r.bytes_sent for r in mine]):.0f}",
+                              ", ".join(used)])
+            print(markdown_table(["strategy", "mean ms", "p95 ms", "accuracy", "device / cloud / fallback",
+                                  "bytes/img", "splits used"], table))
+    failed = [(name, code) for name, code in bed.exit_codes if code != 0]
+    print(f"\n{len(bed.exit_codes)} processes stopped, " + (f"NOT cleanly: {failed}" if failed else "all cleanly")
+          + f" (logs in {o.work})")
+    return 1 if failed else 0

@@ -156,6 +156,7 @@ class Testbed:
         self.relay: Relay | None = None
         self._metrics_url = ""
         self._agents: dict[str, _Running] = {}
+        self.exit_codes: list[tuple[str, int]] = []  # (process name, exit code) of every stopped process
         self.emulation: AgentEmulation | None = None  # resolved (and calibrated) on entry
 
     def __enter__(self) -> Testbed:
@@ -184,7 +185,7 @@ class Testbed:
         if self.relay is not None:
             self.relay.close()
         if self.service is not None:
-            self.service.stop()
+            self.exit_codes.append(("serve", self.service.stop()))
         self._tmp.cleanup()
 
     @property
@@ -239,7 +240,7 @@ class Testbed:
     def _stop_agent(self, name: str) -> None:
         running = self._agents.pop(name)
         running.client.close()
-        running.proc.stop()
+        self.exit_codes.append((running.proc.name, running.proc.stop()))
 
     def cloud_seconds(self) -> float:
         """Total compute seconds the service has spent so far (sum over its models)."""

@@ -96,6 +96,14 @@ def test_without_root_a_quota_is_refused_and_auto_falls_back_to_stretch(monkeypa
         resolve_emulation(str(class_4x), "fast")
 
 
+def test_without_the_cpu_controller_a_quota_is_refused(monkeypatch, class_4x):
+    monkeypatch.setattr(cpu_quota, "cpu_controller_v1", lambda: None)
+    assert not cpu_quota.available() and "cgroup v1 'cpu' controller" in cpu_quota.unavailable_reason()
+    with pytest.raises(ConfigError, match="controller"):
+        resolve_emulation(str(class_4x), "cgroup")
+    assert resolve_emulation(str(class_4x)).method == "stretch"
+
+
 @needs_quota
 def test_calibration_reaches_the_factor_and_is_cached(class_4x, tmp_path):
     device = load_device_class(str(class_4x))

@@ -103,9 +103,9 @@ def configure(json: bool = False, level: int = logging.INFO, verbose: bool = Fal
     return handler
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log a named event with fields: one JSON line ``{"ts", "level", "event": name, **fields}``."""
-    logger.log(level, name, extra={"event": name, "fields": fields})
+def event(logger: logging.Logger, name: str, **fields: Any) -> None:
+    """Log a named event (INFO) with fields: one JSON line ``{"ts", "level", "event": name, **fields}``."""
+    logger.info(name, extra={"event": name, "fields": fields})
 
 
 @contextlib.contextmanager

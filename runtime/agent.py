@@ -192,7 +192,10 @@ class Agent:
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
         print(f"ready on {self.target}", flush=True)
-        self._stop.wait()
+        # Wake up now and then: a signal that lands on one of gRPC's threads only runs its Python handler when
+        # the main thread next runs Python code, and a wait without a timeout may never return to it.
+        while not self._stop.wait(0.5):
+            pass
         self.stop()
 
     def _on_event(self, name: str, fields: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--emulation", choices=("auto", "cgroup", "stretch"), default="auto",
                    help="how agents EMULATE the device: a CPU quota on the whole process (cgroup, as root), a "
                         "stretch of segment compute, or auto (cgroup when possible)")
+    p.add_argument("--parallel", type=int, default=6,
+                   help="conditions measured at once, each on its own service, link and agents (default 6)")
     p.add_argument("--no-bandit", action="store_true", help="skip the bandit strategy (--adapt bandit)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--out", default="benchmarks/results", help="where bench.json/.md/.png go")
@@ -43,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
     bench.bench(BenchOptions(bundle=Path(args.bundle), devices=names(args.devices), networks=names(args.networks),
                              samples=args.samples, warmup=args.warmup, deadline_ms=args.deadline_ms,
-                             emulation=args.emulation, bandit=not args.no_bandit, out=Path(args.out),
-                             progress=not args.no_progress, seed=args.seed))
+                             emulation=args.emulation, bandit=not args.no_bandit, parallel=args.parallel,
+                             out=Path(args.out), progress=not args.no_progress, seed=args.seed))
     return 0

@@ -19,7 +19,9 @@ Method: per condition every strategy answers the same requests, interleaved requ
 excluded. Means and p95s carry 95% bootstrap intervals; the **best static configuration in hindsight** (with
 its interval) and the **per-request hindsight bound** are the two oracles; edgeexit / best static is a paired
 bootstrap ratio. The planner's expected latency for every strategy is printed next to the measured one.
-Device classes run concurrently (one service and link per class), networks one after another.
+Conditions run ``--parallel`` at a time, the longest first, each on its own service, link and agents: most of
+an emulated request is spent throttled or on the emulated link, so concurrent conditions share the 2 cores
+with little interference, and every strategy of a condition is measured under the same load.
 
 The last stdout line is one JSON object: worst_over_oracle, mean_over_oracle, distinct_winners,
 best_speedup_over_baselines, mean_speedup_over_baselines, cost_model_error, samples_per_condition, emulation.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
     from edgeexit.testbed.experiment import Sample, Strategy
 
 DEFAULT_MODEL = "artifacts/camera_resnet.edgeexit"
-DEFAULT_DEVICES = "mid-range-phone,raspberry-pi-4,jetson-nano"
+DEFAULT_DEVICES = "raspberry-pi-5,mid-range-phone,raspberry-pi-4"
 DEFAULT_NETWORKS = "wifi,4g,3g,congested"
 BASELINES = ("device-only", "cloud-only")
 ADAPTIVE = ("edgeexit", "bandit")
@@ -59,26 +62,28 @@ class BenchOptions:
     deadline_ms: float = 3000.0
     emulation: str = "auto"  # auto | cgroup | stretch
     bandit: bool = True
+    parallel: int = 6  # conditions measured at once (each on its own service, link and agents)
     out: Path = Path("benchmarks/results")
     progress: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.samples < 2 or self.warmup < 0 or self.deadline_ms <= 0:
-            raise ConfigError("--samples must be >= 2, --warmup >= 0 and --deadline-ms positive")
+        if self.samples < 2 or self.warmup < 0 or self.deadline_ms <= 0 or self.parallel < 1:
+            raise ConfigError("--samples must be >= 2, --warmup >= 0, --parallel >= 1 and --deadline-ms positive")
         if not self.networks or not self.devices:
             raise ConfigError("--networks and --devices need at least one name each (e.g. 4g,wifi)")
 
 
 @dataclass
-class DeviceRun:
-    """What one device class measured: rows per network, the planner it was predicted with, the emulation."""
+class ConditionRun:
+    """One device class x network: the measured rows, what the planner predicted, the emulation that ran."""
 
     device: str
-    rows: dict[str, list[Sample]] = field(default_factory=dict)
-    predicted: dict[str, dict[str, float]] = field(default_factory=dict)  # network -> strategy -> ms
-    choice: dict[str, str] = field(default_factory=dict)  # network -> the planner's choice (label)
-    neurosurgeon: dict[str, str] = field(default_factory=dict)  # network -> the strategy it resolved to
+    network: str
+    rows: list[Sample] = field(default_factory=list)
+    predicted: dict[str, float] = field(default_factory=dict)  # strategy -> the planner's expected ms
+    choice: str = ""  # the planner's choice (label) for this condition
+    neurosurgeon: str = ""  # the strategy neurosurgeon resolved to
     emulation: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -134,44 +139,64 @@ def neurosurgeon(planner_no_exit: Planner, net: Any) -> Strategy:
     return Strategy("neurosurgeon", str(candidate_split(c)), "never", encoding=c.encoding or "fp32")
 
 
-def run_device(o: BenchOptions, device: str, x: Any, y: Any, bar: Any) -> DeviceRun:
-    """Every network for one EMULATED device class, on one service, one link and long-lived agents."""
-    from edgeexit.bundle import Bundle
+@dataclass
+class _Planners:
+    full: Planner  # every exit setting, int8 boundaries
+    no_exit: Planner  # "never exit early" only: Neurosurgeon's view
+    setting: str  # the calibrated setting's name
+
+
+def _planners(manifest: Manifest, device: str) -> _Planners:
     from edgeexit.planner import NO_EXIT, Planner, exit_settings
-    from edgeexit.profiles import LatencyProfile, load_device_class, load_network
+    from edgeexit.profiles import LatencyProfile, load_device_class
+
+    dev = LatencyProfile.from_dict(manifest.profiles["device"]).scaled(load_device_class(device))
+    cloud = LatencyProfile.from_dict(manifest.profiles["cloud"])
+    return _Planners(Planner(manifest, dev, cloud, encodings=("int8",)),
+                     Planner(manifest, dev, cloud, settings=exit_settings(manifest)[:1], encodings=("int8",)),
+                     calibrated_setting(manifest) or NO_EXIT)
+
+
+def run_one(o: BenchOptions, device: str, network: str, x: Any, y: Any, bar: Any) -> ConditionRun:
+    """One condition on its own service, link and long-lived agents (one per strategy)."""
+    from edgeexit.bundle import Bundle
+    from edgeexit.profiles import load_network
     from edgeexit.testbed.experiment import Condition, Strategy, Testbed, TestbedOptions, run_condition
 
-    run = DeviceRun(device)
+    run = ConditionRun(device, network)
     manifest = Bundle.load(o.bundle, verify=False).manifest
-    cls = load_device_class(device)
-    dev = LatencyProfile.from_dict(manifest.profiles["device"]).scaled(cls)
-    cloud = LatencyProfile.from_dict(manifest.profiles["cloud"])
-    planner = Planner(manifest, dev, cloud, encodings=("int8",))
-    plain = Planner(manifest, dev, cloud, settings=exit_settings(manifest)[:1], encodings=("int8",))
-    setting = calibrated_setting(manifest) or NO_EXIT
+    plans = _planners(manifest, device)
     statics = static_strategies(manifest)
+    net = load_network(network)
+    ns = neurosurgeon(plans.no_exit, net)
+    same = next((s.name for s in statics[:2] if (s.split, s.policy) == (ns.split, ns.policy)), None)
+    strategies = [*statics, *([] if same else [ns]), Strategy("edgeexit", "auto", encoding="int8")]
+    if o.bandit:
+        strategies.append(Strategy("bandit", "auto", adapt="bandit", encoding="int8"))
     with Testbed(TestbedOptions(o.bundle, device, emulation=o.emulation, warmup=o.warmup, warmup_fresh=o.warmup,
                                 deadline_ms=o.deadline_ms)) as bed:
         run.emulation = bed.emulation.to_dict()
-        for name in o.networks:
-            net = load_network(name)
-            cond = Condition.from_network(net)
-            ns = neurosurgeon(plain, net)
-            same = next((s.name for s in statics[:2] if (s.split, s.policy) == (ns.split, ns.policy)), None)
-            strategies = [*statics, *([] if same else [ns]), Strategy("edgeexit", "auto", encoding="int8")]
-            if o.bandit:
-                strategies.append(Strategy("bandit", "auto", adapt="bandit", encoding="int8"))
-            rows = run_condition(bed, strategies, cond, x, y, on_request=bar.update)
-            if same:  # neurosurgeon IS that static strategy: the same agent, the same rows
-                rows += [_renamed(r, "neurosurgeon") for r in rows if r.strategy == same]
-            run.rows[name] = rows
-            run.neurosurgeon[name] = same or f"split@{ns.split}/never"
-            predicted = {s.name: c.latency_ms for s in statics if (c := candidate_of(s.name, planner, net, setting))}
-            predicted["neurosurgeon"] = plain.plan(net).choice.latency_ms
-            choice = planner.plan(net).choice
-            predicted["edgeexit"] = choice.latency_ms
-            run.predicted[name], run.choice[name] = predicted, choice.label
+        run.rows = run_condition(bed, strategies, Condition.from_network(net), x, y, on_request=bar)
+    if same:  # neurosurgeon IS that static strategy: the same agent, the same rows
+        run.rows += [_renamed(r, "neurosurgeon") for r in run.rows if r.strategy == same]
+    run.neurosurgeon = same or f"split@{ns.split}/never"
+    run.predicted = {s.name: c.latency_ms for s in statics
+                     if (c := candidate_of(s.name, plans.full, net, plans.setting)) is not None}
+    run.predicted["neurosurgeon"] = plans.no_exit.plan(net).choice.latency_ms
+    choice = plans.full.plan(net).choice
+    run.predicted["edgeexit"], run.choice = choice.latency_ms, choice.label
     return run
+
+
+def expected_seconds(manifest: Manifest, device: str, network: str, samples: int) -> float:
+    """The planner's estimate of one condition's duration (every static strategy, ``samples`` times)."""
+    from edgeexit.profiles import load_network
+
+    plans = _planners(manifest, device)
+    net = load_network(network)
+    per_round = sum(c.latency_ms for s in static_strategies(manifest)
+                    if (c := candidate_of(s.name, plans.full, net, plans.setting)) is not None)
+    return per_round * samples / 1e3
 
 
 def _renamed(row: Sample, name: str) -> Sample:
@@ -186,6 +211,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     from edgeexit.logs import ProgressBar
     from edgeexit.profiles import load_device_class, load_network
     from edgeexit.testbed.bench_report import analyse
+    from edgeexit.testbed.device_emulation import CalibrationOptions, resolve_emulation
     from edgeexit.testbed.experiment import dataset_for, prepare_bundle, subsample
 
     for d in o.devices:
@@ -200,40 +226,36 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     idx = subsample(o.samples, len(x_all))
     x, y = x_all[idx], y_all[idx]
     per_condition = len(static_strategies(manifest)) + 2 + int(o.bandit)
-    total = len(o.devices) * len(o.networks) * per_condition * len(x)
-    runs: dict[str, DeviceRun] = {}
-    with ProgressBar(total, o.progress, "bench", unit="req") as bar:
+    grid = [(d, n) for d in o.devices for n in o.networks]
+    # The longest conditions first, so the pool ends together; each condition has its own processes.
+    grid.sort(key=lambda dn: -expected_seconds(manifest, dn[0], dn[1], len(x)))
+    for d in o.devices:  # calibrate each class's CPU quota now, one at a time, before anything else runs
+        resolve_emulation(d, o.emulation, CalibrationOptions(workload=Path(bundle)))
+    runs: dict[tuple[str, str], ConditionRun] = {}
+    with ProgressBar(len(grid) * per_condition * len(x), o.progress, "bench", unit="req") as bar:
         lock = threading.Lock()
 
-        def update() -> None:
+        def tick() -> None:
             with lock:
                 bar.update()
 
-        def work(device: str) -> None:
+        def work(cond: tuple[str, str]) -> None:
             try:
-                runs[device] = run_device(o, device, x, y, _Bar(update))
-            except Exception as e:  # reported below; the other device classes finish
-                log.exception("bench: device class %s failed", device)
-                runs[device] = DeviceRun(device, error=f"{type(e).__name__}: {e}")
+                runs[cond] = run_one(o, cond[0], cond[1], x, y, tick)
+            except Exception as e:  # reported below; the other conditions finish
+                log.exception("bench: condition %s failed", cond)
+                runs[cond] = ConditionRun(*cond, error=f"{type(e).__name__}: {e}")
 
-        threads = [threading.Thread(target=work, args=(d,), name=f"bench-{d}") for d in o.devices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    failed = {d: r.error for d, r in runs.items() if r.error}
+        with ThreadPoolExecutor(max_workers=o.parallel, thread_name_prefix="bench") as pool:
+            list(pool.map(work, grid))
+    failed = {f"{d}/{n}": r.error for (d, n), r in runs.items() if r.error}
     if failed:
         raise ConfigError(f"the benchmark failed for {failed}; see the agents' logs")
-    result = analyse([runs[d] for d in o.devices], o, seed=o.seed)
+    result = analyse([runs[(d, n)] for d in o.devices for n in o.networks], o, seed=o.seed)
     result.update({"bundle": str(bundle), "model": manifest.name, "notes": notes,
                    "dataset": f"{dataset} (Fashion-MNIST resized to {manifest.input.shape[-1]}x"
                               f"{manifest.input.shape[-1]}), test split, {len(x)} evenly spaced images"})
     return result
-
-
-class _Bar:
-    def __init__(self, update: Any) -> None:
-        self.update = update
 
 
 def bench(o: BenchOptions) -> dict[str, Any]:

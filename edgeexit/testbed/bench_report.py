@@ -22,27 +22,26 @@ def analyse(runs: list[Any], options: Any, seed: int = 0) -> dict[str, Any]:
     conditions: list[ConditionStats] = []
     per_condition: list[dict[str, Any]] = []
     for run in runs:
-        for net, rows in run.rows.items():
-            names = sorted({r.strategy for r in rows})
-            adaptive = [n for n in names if n in ("edgeexit", "bandit")]
-            static = [n for n in names if n not in adaptive and n != "neurosurgeon"]
-            c = condition_stats(f"{run.device} / {net}", rows, static, adaptive, seed=seed)
-            for name, ms in run.predicted.get(net, {}).items():
-                if name in c.strategies:
-                    c.strategies[name].predicted_ms = ms
-            conditions.append(c)
-            n = load_network(net)
-            per_condition.append({
-                "device": run.device, "network": net, "up_mbit": n.up_mbit, "down_mbit": n.down_mbit,
-                "rtt_ms": n.rtt_ms, "jitter_ms": n.jitter_ms, "planner_choice": run.choice.get(net),
-                "neurosurgeon_is": run.neurosurgeon.get(net), "best_static": c.best_static,
-                "best_static_is_a_tie": c.winner_is_tie, "hindsight_bound_ms": round(c.hindsight_ms, 3),
-                "over_best_static": {k: [round(v, 4) for v in r] for k, r in c.adaptive_over_best_static.items()},
-                "strategies": {k: asdict(v) for k, v in c.strategies.items()},
-            })
+        names = sorted({r.strategy for r in run.rows})
+        adaptive = [n for n in names if n in ("edgeexit", "bandit")]
+        static = [n for n in names if n not in adaptive and n != "neurosurgeon"]
+        c = condition_stats(f"{run.device} / {run.network}", run.rows, static, adaptive, seed=seed)
+        for name, ms in run.predicted.items():
+            if name in c.strategies:
+                c.strategies[name].predicted_ms = ms
+        conditions.append(c)
+        n = load_network(run.network)
+        per_condition.append({
+            "device": run.device, "network": run.network, "up_mbit": n.up_mbit, "down_mbit": n.down_mbit,
+            "rtt_ms": n.rtt_ms, "jitter_ms": n.jitter_ms, "emulation": run.emulation.get("description"),
+            "planner_choice": run.choice, "neurosurgeon_is": run.neurosurgeon, "best_static": c.best_static,
+            "best_static_is_a_tie": c.winner_is_tie, "hindsight_bound_ms": round(c.hindsight_ms, 3),
+            "over_best_static": {k: [round(v, 4) for v in r] for k, r in c.adaptive_over_best_static.items()},
+            "strategies": {k: asdict(v) for k, v in c.strategies.items()},
+        })
     head = headline(conditions, PLANNER)
     samples = min(st.n for c in conditions for st in c.strategies.values())
-    emulation = {run.device: run.emulation for run in runs}
+    emulation = {run.device: run.emulation for run in runs}  # one per class: calibrated once, cached
     head.update({"samples_per_condition": samples,
                  "emulation": "; ".join(e.get("description", d) for d, e in emulation.items())})
     within_noise = [f"{c.condition}" for c in conditions
@@ -50,7 +49,8 @@ def analyse(runs: list[Any], options: Any, seed: int = 0) -> dict[str, Any]:
     return {"headline": {k: head[k] for k in HEADLINE_KEYS}, "conditions": per_condition,
             "edgeexit_within_noise_of_best_static": within_noise, "emulation_detail": emulation,
             "options": {"samples": options.samples, "warmup": options.warmup, "deadline_ms": options.deadline_ms,
-                        "devices": options.devices, "networks": options.networks, "bandit": options.bandit},
+                        "devices": options.devices, "networks": options.networks, "bandit": options.bandit,
+                        "parallel": options.parallel},
             "_conditions": conditions}
 
 

@@ -102,7 +102,7 @@ class DeviceOptions:
 class Latency:
     device_ms: float = 0.0  # segment compute on the device (fallback compute included)
     encode_ms: float = 0.0
-    network_ms: float = 0.0  # offload call wall time, minus cloud compute when the server reports it
+    network_ms: float = 0.0  # offload call wall time as the device saw it (link, cloud queue and compute included)
     cloud_ms: float | None = None  # None: the server did not report it (then it is inside network_ms)
     total_ms: float = 0.0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -36,9 +36,6 @@ class ServerMetrics:
         """One sample's current value (0 when absent): for tests and benchmarks."""
         got = self.registry.get_sample_value(name, labels or {})
         return float(got or 0.0)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics over HTTP on ``port`` (0 picks one); returns the bound port."""

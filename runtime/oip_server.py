@@ -157,9 +157,6 @@ class ServerHandle:
                 close()
         self.metrics.close()
 
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.server.wait_for_termination(timeout)
-
 
 def build_server(handlers: list[ModelHandler], options: ServerOptions | None = None,
                  metrics: ServerMetrics | None = None) -> ServerHandle:

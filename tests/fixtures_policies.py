@@ -49,21 +49,17 @@ def synthetic_exit_logits():
 
 
 @pytest.fixture(scope="session")
-def real_exit_logits(request, tmp_path_factory):
+def real_exit_logits(trained_resnet_pt2, tmp_path_factory):
     """(logits per exit, labels) of a trained bundle on real Fashion-MNIST: the 5k val + first 5k test images.
 
-    Uses the models engineer's ``trained_resnet_pt2`` (a trained reference model), exported for real with
+    Uses ``trained_resnet_pt2`` (tests/fixtures_models.py: a trained reference model), exported for real with
     ``make_bundle``; computed once per session, so repeated-partition tests only shuffle indices."""
     from edgeexit import datasets
     from edgeexit.early_exit import collect_logits
     from edgeexit.runtime.runner import SegmentRunner
     from tests.fixtures_bundles import make_bundle
 
-    try:
-        pt2 = request.getfixturevalue("trained_resnet_pt2")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the trained_resnet_pt2 fixture (tests/fixtures_models.py) from the models area")
-    bundle = make_bundle(tmp_path_factory.mktemp("trained"), pt2, name="resnet_exits")
+    bundle = make_bundle(tmp_path_factory.mktemp("trained"), trained_resnet_pt2, name="resnet_exits")
     xv, yv = datasets.load("fashion-mnist", "val")
     xt, yt = datasets.load("fashion-mnist", "test", limit=5000)
     logits = collect_logits(SegmentRunner(bundle), np.concatenate([xv, xt]), batch_size=500)

@@ -1,8 +1,8 @@
 """Fixtures for the protocol, OIP server, cloud service and client tests.
 
-``service_bundle`` is the export engineer's ``tiny_bundle`` when that fixture exists, else the agent tests'
-``agent_bundle`` (a real 3-segment ONNX bundle with calibrated int8 parameters). ``pki`` is a throwaway CA
-with server and client certificates made by ``openssl``; ``serve`` starts real servers on 127.0.0.1:0.
+``service_bundle`` is ``tiny_bundle`` (tests/fixtures_bundles.py: a real export with calibrated int8
+boundary parameters). ``pki`` is a throwaway CA with server and client certificates made by ``openssl``;
+``serve`` starts real servers on 127.0.0.1:0.
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ from edgeexit.runtime.service import ServiceOptions, build_handlers
 
 
 @pytest.fixture(scope="session")
-def service_bundle(request) -> Path:
-    for name in ("tiny_bundle", "agent_bundle"):
-        try:
-            return Path(request.getfixturevalue(name))
-        except pytest.FixtureLookupError:
-            continue
-    pytest.skip("no bundle fixture (tiny_bundle / agent_bundle) is available")
+def service_bundle(tiny_bundle) -> Path:
+    return Path(tiny_bundle)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -91,15 +91,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def table(self, limit: int | None = None) -> str:
-        rows = sorted(self.candidates, key=lambda c: c.latency_ms)[:limit]
-        lines = ["| strategy | expected latency ms | device ms | cloud ms | bytes/req | offloaded | accuracy |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
-        for c in rows:
-            mark = " **(chosen)**" if c is self.choice else ""
-            acc = "-" if c.accuracy is None else f"{100 * c.accuracy:.2f}%"
-            lines.append(f"| {c.label}{mark} | {c.latency_ms:.2f} | {c.device_ms:.2f} | {c.cloud_ms:.2f} | "
-                         f"{c.bytes:.0f} | {100 * c.offload_fraction:.0f}% | {acc} |")
-        return "\n".join(lines)
+        from edgeexit.reports import markdown_table
+
+        rows = [[c.label + (" **(chosen)**" if c is self.choice else ""), f"{c.latency_ms:.2f}", f"{c.device_ms:.2f}",
+                 f"{c.cloud_ms:.2f}", f"{c.bytes:.0f}", f"{100 * c.offload_fraction:.0f}%",
+                 "-" if c.accuracy is None else f"{100 * c.accuracy:.2f}%"]
+                for c in sorted(self.candidates, key=lambda c: c.latency_ms)[:limit]]
+        return markdown_table(["strategy", "expected latency ms", "device ms", "cloud ms", "bytes/req", "offloaded",
+                               "accuracy"], rows, left=1)
 
 
 def exit_settings(manifest: Manifest) -> list[ExitSetting]:

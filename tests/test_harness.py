@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from edgeexit.errors import ConfigError
-from edgeexit.testbed.harness import AgentClient, launch
 from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.testbed.harness import AgentClient, launch
 
 
 @pytest.mark.slow

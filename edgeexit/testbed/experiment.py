@@ -32,6 +32,7 @@ import numpy as np
 
 from edgeexit.errors import ConfigError
 from edgeexit.profiles import NetworkProfile
+from edgeexit.testbed.closing import Closing
 from edgeexit.testbed.device_emulation import AgentEmulation, CalibrationOptions, resolve_emulation
 from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch, launch_agent
 from edgeexit.testbed.netsim import LinkConditions, Relay
@@ -144,7 +145,7 @@ class _Running:
     requests: int = 0  # answered so far, warm-ups included
 
 
-class Testbed:
+class Testbed(Closing):
     """One service process behind one relay; agents started on demand. Use as a context manager."""
 
     def __init__(self, options: TestbedOptions):
@@ -159,25 +160,17 @@ class Testbed:
         self.exit_codes: list[tuple[str, int]] = []  # (process name, exit code) of every stopped process
         self.emulation: AgentEmulation | None = None  # resolved (and calibrated) on entry
 
-    def __enter__(self) -> Testbed:
-        try:
-            # Calibrate before the service starts, on a quieter machine; cached per class, bundle and host.
-            self.emulation = resolve_emulation(self.options.device_class, self.options.emulation,
-                                               CalibrationOptions(workload=Path(self.options.bundle)))
-            # The service's stdout goes to a buffered log, so pick the metrics port here rather than parse it.
-            metrics_port = free_port()
-            self.service = launch("serve", ["serve", str(self.options.bundle), "--port", "0", "--metrics-port",
-                                            str(metrics_port), "--max-batch-size", "1",
-                                            "--threads", str(self.options.service_threads)], self.log_dir)
-            self._metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            self.relay = Relay(self.service.address).start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def open(self) -> None:
+        # Calibrate before the service starts, on a quieter machine; cached per class, bundle and host.
+        self.emulation = resolve_emulation(self.options.device_class, self.options.emulation,
+                                           CalibrationOptions(workload=Path(self.options.bundle)))
+        # The service's stdout goes to a buffered log, so pick the metrics port here rather than parse it.
+        metrics_port = free_port()
+        self.service = launch("serve", ["serve", str(self.options.bundle), "--port", "0", "--metrics-port",
+                                        str(metrics_port), "--max-batch-size", "1",
+                                        "--threads", str(self.options.service_threads)], self.log_dir)
+        self._metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.relay = Relay(self.service.address).start()
 
     def close(self) -> None:
         for name in list(self._agents):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeexit.errors import ConfigError
+from edgeexit.testbed.closing import Closing
 from edgeexit.testbed.harness import AgentClient, Proc, launch
 
 MODES = ("auto", "namespace", "loopback")
@@ -123,7 +124,7 @@ class ScenarioOptions:
     relay: dict[str, Any] = field(default_factory=dict)  # extra LinkConditions fields for the relay
 
 
-class Scenario:
+class Scenario(Closing):
     """One cloud service, a relay, and any number of agents; a context manager that tears everything down."""
 
     def __init__(self, bundle: str | Path, work_dir: str | Path, options: ScenarioOptions | None = None):
@@ -138,26 +139,18 @@ class Scenario:
         self._sock_dir = Path(tempfile.mkdtemp(prefix="ee-sock-"))  # short: unix socket paths max 107 bytes
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
-    def __enter__(self) -> Scenario:
-        try:
-            o = self.options
-            relay_rates = {}
-            if self.mode == "namespace":
-                from edgeexit.testbed.netsim.namespaces import NetnsLink
+    def open(self) -> None:
+        o = self.options
+        relay_rates = {}
+        if self.mode == "namespace":
+            from edgeexit.testbed.netsim.namespaces import NetnsLink
 
-                self.link = NetnsLink(up_mbit=o.up_mbit, down_mbit=o.down_mbit).__enter__()
-            else:
-                relay_rates = {"up_mbit": o.up_mbit, "down_mbit": o.down_mbit}
-            self.service = self.start_service()
-            self.relay = RelayControl(self.service.target, self.work_dir / "relay.log", self.device_prefix,
-                                      delay_ms=o.delay_ms, **relay_rates, **o.relay)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            self.link = NetnsLink(up_mbit=o.up_mbit, down_mbit=o.down_mbit).__enter__()
+        else:
+            relay_rates = {"up_mbit": o.up_mbit, "down_mbit": o.down_mbit}
+        self.service = self.start_service()
+        self.relay = RelayControl(self.service.target, self.work_dir / "relay.log", self.device_prefix,
+                                  delay_ms=o.delay_ms, **relay_rates, **o.relay)
 
     def close(self) -> None:
         """Stop agents, relay and service, then delete the namespaces; every step runs even if one fails."""

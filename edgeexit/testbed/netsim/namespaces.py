@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from edgeexit.errors import ConfigError
+from edgeexit.testbed.closing import Closing
 
 PREFIX = "ee"
 _NAME = re.compile(rf"^({PREFIX}-(\d+)-[0-9a-z]+(?:-dev|-cloud)?)\b")
@@ -98,7 +99,7 @@ def _check_rate(name: str, mbit: float | None) -> None:
         raise ConfigError(f"{name} must be > 0 Mbit/s or None (unlimited); for a dead link use a Relay outage")
 
 
-class NetnsLink:
+class NetnsLink(Closing):
     """Device and cloud namespaces on one veth pair: ``dev_ip`` = 10.200.<n>.1, ``cloud_ip`` = 10.200.<n>.2.
 
     ``up_mbit`` shapes device->cloud (egress of the device end), ``down_mbit`` cloud->device; None = unshaped.
@@ -121,22 +122,14 @@ class NetnsLink:
         self._up = False
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
-    def __enter__(self) -> NetnsLink:
+    def open(self) -> None:
         ok, why = available()
         if not ok:
             raise ConfigError(f"network namespaces are not available: {why}; use loopback with a Relay instead")
         cleanup_stale()
         self._up = True
-        try:
-            self._create()
-            self.set_rate(self.up_mbit, self.down_mbit)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._create()
+        self.set_rate(self.up_mbit, self.down_mbit)
 
     def _create(self) -> None:
         _ip("netns", "add", self.dev_ns)

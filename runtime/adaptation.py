@@ -165,7 +165,11 @@ class PlannerAdapter:
         return self._probe_split
 
     def observe(self, split: Split, result: Any) -> None:
-        """Nothing to learn beyond the link samples the runtime records."""
+        """The cloud's reported queue + compute time moves the planner's cloud cost (the link samples are the
+        runtime's). It takes effect at the next re-plan."""
+        rows = result.decided.count("cloud")
+        if result.latency.cloud_ms is not None and rows and split != DEVICE_SPLIT:
+            self.planner.observe_cloud(result.latency.cloud_ms, first_cloud_segment(split), rows)
 
     def expected_cloud_s(self, split: Split, rows: int) -> float:
         if split == DEVICE_SPLIT:

@@ -4,10 +4,14 @@ Torch-free (numpy + a backend + gRPC). One ``infer(x)`` call for a batch:
 1. run segments ``0..split``; after each exit head, the exit policy decides which rows stop there
    (answered ``"device"``); only the remaining rows go on;
 2. encode the remaining rows' boundary tensor (fp32/fp16/int8, optional zstd) and send it to the cloud model
-   ``<model>@<split>`` with what is left of the deadline (answered ``"cloud"`` from the deepest exit);
+   ``<model>@<split>`` with what is left of the deadline (answered ``"cloud"`` from the deepest exit; split
+   ``"cloud"`` sends raw pixels to ``<model>``, UINT8 when lossless; the server's own time is ``cloud_ms``);
 3. on a timeout, an unreachable service, an open circuit or a rejected tensor, fall back
    (``"device-fallback"``): the most confident exit computed so far (``best-exit``) or the remaining segments
    run locally (``finish-local``). Every row always gets an answer.
+A cascade (``split="cascade@N"``) runs segments 0..N with their exits and sends the rows they leave as raw
+pixels to ``<model>``; a finish-local fallback resumes from boundary N, kept on the device. The exit policy of
+a request is the planner's chosen setting under ``split="auto"``, unless the user fixed one (``setting_policy``).
 
 Those are its three jobs (check the input, run the local exit loop, offload with fallback). Choosing the split
 per request is an :class:`~edgeexit.runtime.adaptation.Adapter`'s; what is known about the link is a
@@ -19,24 +23,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
-from edgeexit.policies import softmax
-from edgeexit.runtime import codec
-from edgeexit.runtime.adaptation import Adapter, AdaptOptions, build_adapter
+from edgeexit.policies import ExitPolicy, softmax
+from edgeexit.runtime import codec, splits
+from edgeexit.runtime.adaptation import Adapter, AdaptOptions, Choice, build_adapter
 from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
-from edgeexit.runtime.link_monitor import LinkMonitor
+from edgeexit.runtime.link_monitor import LinkMonitor, network_seconds
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.runner import SegmentRunner
-from edgeexit.runtime.splits import Split, cloud_model, first_cloud_segment, parse_split, resolve_split
+from edgeexit.runtime.setting_policy import PolicyChooser, planned_settings
+from edgeexit.runtime.splits import Split, cloud_model, parse_split, resolve_split
+
+if TYPE_CHECKING:
+    from edgeexit.runtime.client import Offload
 
 log = logging.getLogger("edgeexit.device")
 
@@ -47,7 +55,7 @@ class CloudClient(Protocol):
     """What the runtime needs from runtime.client.InferenceClient (a seam for tests)."""
 
     def infer(self, model: str, input_name: str, tensor: codec.WireTensor, *, timeout: float,
-              request_id: str = "") -> dict[str, np.ndarray]: ...
+              request_id: str = "") -> Offload: ...
 
     def ready(self, timeout: float = 1.0) -> bool: ...
 
@@ -102,8 +110,8 @@ class DeviceOptions:
 class Latency:
     device_ms: float = 0.0  # segment compute on the device (fallback compute included)
     encode_ms: float = 0.0
-    network_ms: float = 0.0  # offload call wall time as the device saw it (link, cloud queue and compute included)
-    cloud_ms: float | None = None  # None: the server did not report it (then it is inside network_ms)
+    network_ms: float = 0.0  # offload call wall time, minus the cloud's queue + compute when the server reports it
+    cloud_ms: float | None = None  # the server's reported queue + compute; None: not reported (inside network_ms)
     total_ms: float = 0.0
 
 
@@ -126,7 +134,9 @@ class Result:
 class _Pending:
     """The rows not yet answered, with the exit logits computed for them so far."""
 
-    def __init__(self, batch: int, classes: int):
+    def __init__(self, raw: np.ndarray, classes: int, policy: ExitPolicy):
+        self.raw, batch = raw, len(raw)  # every row before normalisation (what the whole cloud model takes)
+        self.policy = policy  # this request's exit policy (the planner's setting may change between requests)
         self.labels = np.zeros(batch, np.int64)
         self.probs = np.zeros((batch, classes), np.float32)
         self.exits = np.full(batch, -1, np.int32)
@@ -159,9 +169,10 @@ class DeviceRuntime:
         has_cloud = client is not None or o.cloud is not None
         adaptive = o.split == "auto" and has_cloud and o.adapt != "off"
         self.policy = _resolve_policy(self.manifest, o.policy)
+        self._policies = PolicyChooser(self.manifest, self.policy, fixed=o.policy is not None)
         # A fixed split is resolved (and refused) here; "auto" with an adapter is the adapter's choice below.
         self.split: Split = "auto" if adaptive else resolve_split(self.manifest, o.split, has_cloud)
-        self._quant = {s: self._wire_quant(s, adaptive) for s in self._possible_splits(adaptive)}
+        self._quant = splits.wire_quants(self.manifest, self.split, o.encoding, adaptive)
         self._clock = clock
         # With one backend thread the segment runs on the calling thread, so its CPU time is measurable;
         # with more, fall back to wall time.
@@ -178,6 +189,8 @@ class DeviceRuntime:
             adapt = o.adapt_options()
             if o.emulation == "cgroup" and "device" not in self.manifest.profiles:
                 adapt.slowdown = 1.0  # profiled inside the quota: already as slow as the emulated device
+            if o.policy is not None:
+                adapt.settings = planned_settings(self.manifest, self.policy)  # plan for the policy that runs
             self.adapter = build_adapter(self.manifest, self.runner, adapt, self.monitor.stats, clock)
             self.split = self.adapter.choose()
         self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
@@ -208,13 +221,14 @@ class DeviceRuntime:
         """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
         start = self._clock()
         deadline = start + self.options.deadline_ms / 1000.0
-        x = self._check_input(x)
-        # One split per request: concurrent requests never see a split change half-way.
-        split = self.split = self.adapter.choose() if self.adapter is not None else self.split
+        raw = self._check_input(x)
+        x = self.runner.normalize(raw)
+        # One split (and exit setting) per request: concurrent requests never see a change half-way.
+        choice = self.adapter.pick() if self.adapter is not None else Choice(self.split)
+        split = self.split = choice.split
         lat = Latency()
-        pend = _Pending(len(x), self.num_classes)
-        last_local = {"device": self.runner.num_segments - 1, "cloud": -1}.get(split, split)
-        cur = self._run_local(pend, x, 0, int(last_local), lat)
+        pend = _Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds))
+        cur = self._run_local(pend, x, 0, splits.last_device_segment(split, self.runner.num_segments), lat)
         result_bytes, reason = 0, None
         if not pend.empty:
             result_bytes, reason = self._offload(pend, cur, deadline, lat, split)
@@ -248,7 +262,7 @@ class DeviceRuntime:
             for j in self.manifest.segments[k].exits:
                 pend.history.append(out.exits[j])
                 pend.exit_ids.append(j)
-                dec = self.policy.decide(pend.history)
+                dec = pend.policy.decide(pend.history)
                 mask = np.ones(len(pend.rows), bool) if j == final_exit else np.asarray(dec.mask, bool)
                 if mask.any():
                     before = len(pend.rows)
@@ -264,19 +278,23 @@ class DeviceRuntime:
         """Send the pending rows to the cloud; on any failure fall back locally. Returns (bytes sent, reason)."""
         o = self.options
         t0 = self._clock()
-        wire = codec.encode(cur, o.encoding, self._quant[split], o.compress)
+        if splits.offloads_input(split):
+            # The whole model takes raw pixels (the server normalises them): 1 byte each when lossless.
+            wire = codec.encode_input(pend.raw[pend.rows], o.encoding, o.compress)
+        else:
+            wire = codec.encode(cur, o.encoding, self._quant[split], o.compress)
         lat.encode_ms = (self._clock() - t0) * 1000.0
-        input_name = self.manifest.input.name if split == "cloud" else f"boundary{split}"
+        input_name = self.manifest.input.name if splits.offloads_input(split) else f"boundary{split}"
         model = cloud_model(self.manifest.name, split)
         request_id = uuid.uuid4().hex
 
-        def call(timeout: float) -> dict[str, np.ndarray]:
+        def call(timeout: float) -> Offload:
             return self._client.infer(model, input_name, wire, timeout=timeout, request_id=request_id)
 
         t1 = self._clock()
         try:
-            outputs = call_with_retries(call, deadline, o.retry, self.breaker, clock=self._clock)
-            logits = self._deepest_exit(outputs, len(pend.rows))
+            reply = call_with_retries(call, deadline, o.retry, self.breaker, clock=self._clock)
+            logits = self._deepest_exit(reply, len(pend.rows))
         except EdgeExitError as e:
             lat.network_ms = (self._clock() - t1) * 1000.0
             reason = f"{type(e).__name__}: {e}"
@@ -285,10 +303,12 @@ class DeviceRuntime:
             self._fallback(pend, cur, lat, split)
             return 0, reason
         elapsed = self._clock() - t1
-        lat.network_ms = elapsed * 1000.0
-        # The link saw the call minus the cloud's compute (as the planner's cloud profile expects it).
-        self.monitor.record_offload(len(wire.data),
-                                    max(elapsed - self._expected_cloud_s(split, len(pend.rows)), elapsed / 10))
+        server = getattr(reply, "server", None)  # a client returning a plain mapping reports no timing
+        cloud_s = server.total_s if server is not None else 0.0  # unreported: it stays inside network_ms
+        lat.cloud_ms = cloud_s * 1000.0 if server is not None else None
+        lat.network_ms = max(elapsed - cloud_s, 0.0) * 1000.0
+        self.monitor.record_offload(
+            len(wire.data), network_seconds(elapsed, server, self._expected_cloud_s(split, len(pend.rows))))
         probs = softmax(logits)
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
         return len(wire.data), None
@@ -306,7 +326,8 @@ class DeviceRuntime:
                     probs = [q[~mask] for q in probs]
             return
         # finish-local (or nothing was computed yet, as with split "cloud"): run the rest here.
-        self._run_local(pend, cur, first_cloud_segment(split), self.runner.num_segments - 1, lat, where=FALLBACK)
+        first = splits.first_fallback_segment(split)
+        self._run_local(pend, cur, first, self.runner.num_segments - 1, lat, where=FALLBACK)
 
     def _expected_cloud_s(self, split: Split, rows: int) -> float:
         return self.adapter.expected_cloud_s(split, rows) if self.adapter is not None else 0.0
@@ -324,7 +345,7 @@ class DeviceRuntime:
         self.monitor.probe(split, wire, o.deadline_ms / 1000.0)
 
     # -- helpers ------------------------------------------------------------------------------------------
-    def _deepest_exit(self, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    def _deepest_exit(self, outputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
         names = [n for n in outputs if n.startswith("exit") and n[4:].isdigit()]
         if not names:
             raise InvalidTensor(f"the cloud answered without exit logits (outputs {sorted(outputs)})")
@@ -344,31 +365,13 @@ class DeviceRuntime:
             raise InvalidTensor(f"input shape {list(x.shape)}: expected a non-empty batch of {want}")
         if not np.isfinite(x).all():
             raise InvalidTensor("input contains NaN or inf")
-        return self.runner.normalize(x)
-
-    def _possible_splits(self, adaptive: bool) -> list[Split]:
-        if not adaptive:
-            return [self.split]
-        return [*range(len(self.manifest.split_points)), DEVICE, CLOUD]
-
-    def _wire_quant(self, split: Split, adaptive: bool) -> dict[str, float] | None:
-        if self.options.encoding != "int8" or split == DEVICE:
-            return None
-        if split == CLOUD:
-            if adaptive:
-                return None  # the planner never sends the input as int8; see Planner(encodings=...)
-            raise ConfigError("int8 needs calibrated quantisation, and the raw input has none; "
-                              "use --encoding fp16 or fp32 with --split cloud")
-        q = self.manifest.split_points[int(split)].quantization
-        if not q:
-            raise ConfigError(f"split {split} has no calibrated int8 quantisation; run "
-                              "`edgeexit calibrate BUNDLE` first, or use --encoding fp16")
-        return q
+        return x
 
     def _segments_to_open(self) -> range:
-        if self.adapter is not None or self.split in ("device", "cloud") or self.options.on_failure == "finish-local":
-            return range(self.runner.num_segments)
-        return range(int(self.split) + 1)
+        n = self.runner.num_segments
+        if self.adapter is not None or self.split == CLOUD or self.options.on_failure == "finish-local":
+            return range(n)
+        return range(splits.last_device_segment(self.split, n) + 1)
 
     def _breaker_changed(self, old: str, new: str) -> None:
         log.warning("circuit %s -> %s", old, new)

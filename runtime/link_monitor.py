@@ -21,8 +21,19 @@ from edgeexit.runtime.splits import cloud_model
 
 if TYPE_CHECKING:
     from edgeexit.runtime.device import CloudClient
+    from edgeexit.runtime.oip_messages import ServerTiming
 
 WARM_UP_TIMEOUT_S = 2.0
+
+
+def network_seconds(elapsed_s: float, server: ServerTiming | None, expected_cloud_s: float = 0.0) -> float:
+    """The link's share of an offload call that took ``elapsed_s``: minus the time the server reports it spent
+    (queue + compute), or, from a server that reports nothing, minus the cloud profile's estimate; that one is
+    floored at a tenth of the call, since an estimate can exceed it (and a loaded server then looks like a
+    slow link: the reason servers report their time)."""
+    if server is not None:
+        return elapsed_s - server.total_s
+    return max(elapsed_s - expected_cloud_s, elapsed_s / 10)
 
 
 class LinkMonitor:
@@ -68,9 +79,10 @@ class LinkMonitor:
         try:
             wire = make_wire()
             t0 = self._clock()
-            self._client.infer(cloud_model(self._model, split), f"boundary{split}", wire, timeout=timeout_s)
+            reply = self._client.infer(cloud_model(self._model, split), f"boundary{split}", wire, timeout=timeout_s)
             seconds = self._clock() - t0
-            self.stats.record(len(wire.data), seconds)
+            # Without a report the probe's whole time counts as link (no estimate of the cloud's share here).
+            self.stats.record(len(wire.data), network_seconds(seconds, getattr(reply, "server", None)))
             self._emit("probe", split=split, bytes=len(wire.data), seconds=round(seconds, 4))
         except EdgeExitError as e:
             self._emit("probe", split=split, error=type(e).__name__)

@@ -6,6 +6,10 @@ BUNDLE  := $(ART)/resnet_exits.edgeexit
 EPOCHS  ?= 4
 SETUP   := .venv/.setup-done
 READY   := $(ART)/.bundle-ready  # exported, calibrated and profiled
+# The camera-class reference ships trained (edgeexit/reference/camera_resnet.md): demo and bench never train it.
+CAMERA_PT2 := edgeexit/reference/camera_resnet.pt2
+CAMERA     := $(ART)/camera_resnet.edgeexit
+CAMERA_READY := $(ART)/.camera-ready
 
 .PHONY: setup demo test test-fast bench lint clean
 
@@ -33,15 +37,22 @@ $(READY): $(MODEL)
 	$(PY) -m edgeexit profile $(BUNDLE) --role cloud --threads 2 --store
 	touch $(READY)
 
-demo: $(SETUP) $(READY)
-	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test --no-policy
-	$(PY) -m edgeexit evaluate $(BUNDLE) --data fashion-mnist --split test
-	$(PY) -m edgeexit plan $(BUNDLE) --device raspberry-pi-4 --network 4g --png $(ART)/plan.png
-	@echo "== the planner's choice over an emulated 4G link (this small model answers fastest on the device)"
-	$(PY) -m edgeexit demo $(BUNDLE) --data fashion-mnist --split test --network 4g --emulate-device raspberry-pi-4
-	@echo "== the offload path forced: split after segment 1, int8 boundary tensors over the same link"
-	$(PY) -m edgeexit demo $(BUNDLE) --data fashion-mnist --split test --network 4g --emulate-device raspberry-pi-4 \
-	  --agent-split 1
+$(CAMERA_READY): $(CAMERA_PT2) | $(SETUP)
+	cd edgeexit/reference && sha256sum -c camera_resnet.sha256
+	$(PY) -m edgeexit export $(CAMERA_PT2) --out $(CAMERA) --force --formats onnx --calibration-data fashion-mnist-96
+	$(PY) -m edgeexit calibrate $(CAMERA) --data fashion-mnist-96 --split val --policy entropy --mode accuracy \
+	  --epsilon 0.005 --delta 0.05
+	$(PY) -m edgeexit profile $(CAMERA) --role device --store
+	$(PY) -m edgeexit profile $(CAMERA) --role cloud --threads 2 --store
+	@mkdir -p $(ART) && touch $(CAMERA_READY)
+
+demo: $(SETUP) $(CAMERA_READY)
+	$(PY) -m edgeexit evaluate $(CAMERA) --data fashion-mnist-96 --split test --no-policy
+	$(PY) -m edgeexit evaluate $(CAMERA) --data fashion-mnist-96 --split test
+	$(PY) -m edgeexit plan $(CAMERA) --device raspberry-pi-4 --network 4g --png $(ART)/plan-4g.png
+	$(PY) -m edgeexit plan $(CAMERA) --device raspberry-pi-4 --network wifi --png $(ART)/plan-wifi.png
+	@echo "== real serve + agents, EMULATED Raspberry Pi 4, EMULATED 4g then wifi link: the planner vs device-/cloud-only"
+	$(PY) -m edgeexit demo $(CAMERA) --networks 4g,wifi --emulate-device raspberry-pi-4
 
 test: $(SETUP)
 	$(PY) -m pytest -q -ra
@@ -49,13 +60,12 @@ test: $(SETUP)
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
-bench: $(SETUP) $(MODEL)
+bench: $(SETUP) $(MODEL) $(CAMERA_READY)
+	$(PY) -m edgeexit bench --bundle $(CAMERA)
 	$(PY) benchmarks/split_overhead.py --model $(MODEL)
 	$(PY) benchmarks/early_exit.py --model $(MODEL)
 	$(PY) benchmarks/tflite.py --model $(MODEL)
 	$(PY) benchmarks/wire.py --model $(MODEL)
-	$(PY) -m edgeexit bench --model $(MODEL)
-	$(PY) benchmarks/planner.py --model $(MODEL)
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

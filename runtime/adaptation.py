@@ -24,18 +24,18 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgeexit.bundle import Manifest
 from edgeexit.errors import ConfigError
-from edgeexit.planner import Candidate, Planner
+from edgeexit.planner import Candidate, ExitSetting, Planner
 from edgeexit.profiles import NetworkProfile
 from edgeexit.runtime import codec
 from edgeexit.runtime.link_stats import LinkStats
-from edgeexit.runtime.splits import CLOUD_SPLIT, DEVICE_SPLIT, Split, cheapest_split, first_cloud_segment
+from edgeexit.runtime.splits import DEVICE_SPLIT, Split, candidate_split, cheapest_split, first_cloud_segment
 
 ADAPT_MODES = ("planner", "bandit", "off")
 
@@ -55,6 +55,9 @@ class AdaptOptions:
     min_samples: int = 2  # offload samples needed before the estimate is trusted
     mu: float = 0.5  # bandit: weight of cost against confidence
     seed: int = 0
+    # The exit settings the planner may choose; None = every calibrated one. A policy the user fixed narrows
+    # it to that policy's setting (runtime/setting_policy.py), so the plan prices what will run.
+    settings: list[ExitSetting] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ADAPT_MODES:
@@ -72,12 +75,26 @@ class AdaptOptions:
             raise ConfigError(f"min_samples must be >= 1 and mu >= 0, got {self.min_samples} and {self.mu}")
 
 
+@dataclass(frozen=True)
+class Choice:
+    """An adapter's pick for the next request: the split and, when a plan made it, the exit setting that plan
+    assumed (``setting`` None: keep the runtime's policy)."""
+
+    split: Split
+    setting: str | None = None
+    thresholds: tuple[float, ...] = ()
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """What DeviceRuntime needs from an online split chooser."""
 
     def choose(self) -> Split:
-        """The split for the next request: a split point, "device" or "cloud"."""
+        """The split for the next request: a split point, "device", "cloud" or "cascade@N"."""
+        ...
+
+    def pick(self) -> Choice:
+        """The split for the next request with the exit setting it was chosen for."""
         ...
 
     def observe(self, split: Split, result: Any) -> None:
@@ -95,15 +112,6 @@ class Adapter(Protocol):
     def expected_cloud_s(self, split: Split, rows: int) -> float:
         """Expected cloud compute for ``rows`` rows offloaded at ``split`` (0 when the adapter cannot say)."""
         ...
-
-
-def candidate_split(c: Candidate) -> Split:
-    """The DeviceRuntime split value of a planner candidate."""
-    if c.strategy == "device-only":
-        return DEVICE_SPLIT
-    if c.strategy == "cloud-only":
-        return CLOUD_SPLIT
-    return int(c.split)
 
 
 class PlannerAdapter:
@@ -126,6 +134,13 @@ class PlannerAdapter:
 
     def choose(self) -> Split:
         return candidate_split(self.plan())
+
+    def pick(self) -> Choice:
+        c = self.plan()
+        if c.strategy == "cloud-only":
+            # The device runs no exit under this plan; only a fallback would, and it keeps the calibrated policy.
+            return Choice(candidate_split(c))
+        return Choice(candidate_split(c), c.setting, tuple(c.thresholds))
 
     def plan(self) -> Candidate:
         """The current choice, re-planned first when the measured bandwidth left the hysteresis band."""
@@ -204,6 +219,9 @@ class BanditAdapter:
                 arm = int(np.argmax(ucb))
             return self.arms[arm]
 
+    def pick(self) -> Choice:
+        return Choice(self.choose())  # the bandit has no exit settings: the runtime's policy applies
+
     def observe(self, split: Split, result: Any) -> None:
         """Reward from a finished request's Result (confidence, device time, network time)."""
         arm = self.arms.index(split)
@@ -247,5 +265,5 @@ def build_adapter(manifest: Manifest, runner: Any, options: AdaptOptions, link: 
         return BanditAdapter(len(manifest.split_points), device.per_sample_ms(), options)
     # Without a stored cloud profile, assume the cloud is as fast as this host (a conservative guess).
     cloud = LatencyProfile.from_dict(stored["cloud"]) if "cloud" in stored else host
-    planner = Planner(manifest, device, cloud, encodings=(options.encoding,))
+    planner = Planner(manifest, device, cloud, settings=options.settings, encodings=(options.encoding,))
     return PlannerAdapter(planner, load_network(options.network), link, options, clock)

@@ -8,7 +8,8 @@ from edgeexit.cli.common import add_backend_args
 
 SPLIT_HELP = (
     "where to cut: a split point N (the device runs segments 0..N), 'device' (never offload), 'cloud' (send "
-    "the input), or 'auto' (default): chosen per request by --adapt."
+    "the input), 'cascade@N' (the device runs segments 0..N with their exits and sends the rows left as their "
+    "raw input to the whole model), or 'auto' (default): chosen per request by --adapt."
 )
 
 

@@ -68,7 +68,8 @@ class DeviceOptions:
     fmt: str | None = None  # exported variant to run (e.g. "tflite-int8-static"); None = the backend's fp32
     threads: int = 1
     policy: Any = None  # None = the manifest's calibrated policy; a kind name; or an ExitPolicy object
-    # Split point N (device runs segments 0..N), "device" (never offload), "cloud" (send the input), or "auto":
+    # Split point N (device runs segments 0..N), "device" (never offload), "cloud" (send the input), "cascade@N"
+    # (segments 0..N with their exits, then the rows left go to the whole cloud model as raw input), or "auto":
     # chosen per request by `adapt` ("planner": the planner's choice for the measured link; "bandit": UCB over
     # split points; "off": the split with the fewest fp32 boundary bytes among the first half of the network).
     split: int | str = "auto"

@@ -191,3 +191,20 @@ def test_auto_picks_a_cascade_when_the_boundary_outweighs_the_input(agent_bundle
     assert res.split == "cascade@0" and (decided == DEVICE).sum() == 16 and (decided == CLOUD).sum() == 16
     np.testing.assert_allclose(res.probabilities[decided == CLOUD], softmax(exits[-1][decided == CLOUD]), atol=1e-5)
     rt.close()
+
+
+def test_adapter_picks_carry_the_setting_except_for_cloud_only():
+    from edgeexit.planner import ExitSetting, Planner
+    from edgeexit.profiles import NetworkProfile
+    from edgeexit.runtime.adaptation import Choice, PlannerAdapter
+    from edgeexit.runtime.link_stats import LinkStats
+    from tests.test_planner import profile, synthetic
+
+    planner = Planner(synthetic(3, [4000, 2000]), profile([2.0, 30.0, 30.0]), profile([0.5] * 3),
+                      settings=[ExitSetting(NO_EXIT, (), (0.0, 0.0)), ExitSetting("s", (0.8, 0.9), (0.6, 0.1))])
+    mid = PlannerAdapter(planner, NetworkProfile("mid", 4.0, 40.0, 20.0), LinkStats())
+    assert mid.pick() == Choice("cascade@0", "s", (0.8, 0.9)) and mid.choose() == "cascade@0"
+    fast = PlannerAdapter(planner, NetworkProfile("fast", 1000.0, 1000.0, 1.0), LinkStats())
+    assert fast.plan().strategy == "cloud-only"
+    # the device runs nothing under cloud-only: a fallback keeps the calibrated policy rather than "no-exit"
+    assert fast.pick().split == "cloud" and fast.pick().setting is None

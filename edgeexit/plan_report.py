@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any
 
 from edgeexit.bundle import Bundle
@@ -17,8 +17,8 @@ def _profile(bundle: Bundle, role: str, path: str | None, threads: int) -> Laten
     from edgeexit.runtime.profiling import measure_profile
     from edgeexit.runtime.runner import SegmentRunner
 
-    print(f"note: no {role} profile stored in the bundle; measuring this host now "
-          f"(store one with `edgeexit profile --role {role} --store`)", file=sys.stderr)
+    logging.getLogger(__name__).warning("no %s profile stored in the bundle; measuring this host now (store one "
+                                        "with `edgeexit profile --role %s --store`)", role, role)
     return measure_profile(SegmentRunner(bundle, threads=threads), repeats=15)
 
 

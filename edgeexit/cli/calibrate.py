@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    import logging
 
     from edgeexit import datasets
     from edgeexit.bundle import Bundle
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     bundle.manifest.policy = result.to_manifest(args.split, args.data)
     bundle.save()
     if not result.calibrated:
-        print(f"edgeexit calibrate: warning: {result.message}", file=sys.stderr)
+        logging.getLogger("edgeexit.calibrate").warning(result.message)
     print(result.message)
     print(markdown_table(
         ["exit", "exit rate", "accuracy of exited", "disagreement", "cumulative MFLOPs"],

@@ -82,7 +82,7 @@ def markdown(result: dict[str, Any]) -> str:
                          ", ".join(f"{k}:{v}" for k, v in s["splits"].items()) if name in ("edgeexit", "bandit")
                          else ""])
         lines.append(markdown_table(["strategy", "mean ms [95% CI]", "p95 ms [95% CI]", "pred ms", "accuracy",
-                                     "to cloud", "bytes/req", "splits used"], rows))
+                                     "to cloud", "bytes/req", "splits used"], rows, left=1))
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,14 @@ from edgeexit.planner import Candidate, ExitSetting, Planner
 from edgeexit.profiles import NetworkProfile
 from edgeexit.runtime import codec
 from edgeexit.runtime.link_stats import LinkStats
-from edgeexit.runtime.splits import DEVICE_SPLIT, Split, candidate_split, cheapest_split, first_cloud_segment
+from edgeexit.runtime.splits import (
+    DEVICE_SPLIT,
+    Split,
+    candidate_split,
+    cheapest_split,
+    first_cloud_segment,
+    offloads_input,
+)
 
 ADAPT_MODES = ("planner", "bandit", "off")
 
@@ -131,6 +138,10 @@ class PlannerAdapter:
         # A bundle without split points has no boundary to probe with; its plans are device- or cloud-only.
         self._probe_split = cheapest_split(planner.manifest) if planner.manifest.split_points else None
         self.replans = 0
+        # observe() marks the plan stale when what the planner assumed about the cloud's time or the raw input's
+        # wire size proved wrong; the next plan() re-plans even if the bandwidth stayed in its band.
+        self._stale = False
+        self._planned_scale = planner.cloud_scale
 
     def choose(self) -> Split:
         return candidate_split(self.plan())
@@ -146,14 +157,17 @@ class PlannerAdapter:
         """The current choice, re-planned first when the measured bandwidth left the hysteresis band."""
         with self._lock:
             est = self.link.estimate()
-            if est.bandwidth_bps is None or est.samples < self.options.min_samples:
-                return self.choice
-            bw = est.bandwidth_bps / 1e6
             h = self.options.hysteresis
-            if self.network.up_mbit / (1 + h) <= bw <= self.network.up_mbit * (1 + h):
+            moved = False
+            if est.bandwidth_bps is not None and est.samples >= self.options.min_samples:
+                bw = est.bandwidth_bps / 1e6
+                moved = not self.network.up_mbit / (1 + h) <= bw <= self.network.up_mbit * (1 + h)
+            if not moved and not self._stale:
                 return self.choice
-            rtt = est.rtt_s * 1e3 if est.rtt_s is not None else self.network.rtt_ms
-            self.network = replace(self.network, up_mbit=bw, rtt_ms=rtt)
+            if moved:
+                rtt = est.rtt_s * 1e3 if est.rtt_s is not None else self.network.rtt_ms
+                self.network = replace(self.network, up_mbit=bw, rtt_ms=rtt)
+            self._stale, self._planned_scale = False, self.planner.cloud_scale
             new = self.planner.plan(self.network).choice
             if new.label != self.choice.label:
                 self._probe_interval = self.options.probe_interval_s  # the link moves: watch it closely again
@@ -180,11 +194,25 @@ class PlannerAdapter:
         return self._probe_split
 
     def observe(self, split: Split, result: Any) -> None:
-        """The cloud's reported queue + compute time moves the planner's cloud cost (the link samples are the
-        runtime's). It takes effect at the next re-plan."""
+        """Learn what the planner assumed: the cloud's reported queue + compute time moves its cloud cost, and a
+        raw input that travelled bigger than 1 byte per element (pixels off the 8-bit grid go as fp32) its input
+        size. A change beyond the hysteresis band re-plans at the next request (the link samples are the
+        runtime's)."""
         rows = result.decided.count("cloud")
-        if result.latency.cloud_ms is not None and rows and split != DEVICE_SPLIT:
+        if not rows or split == DEVICE_SPLIT:
+            return
+        stale = False
+        if offloads_input(split) and result.bytes_sent > 0:
+            per_row = result.bytes_sent / rows
+            if abs(per_row - self.planner.input_bytes) > 0.1 * self.planner.input_bytes:
+                self.planner.input_bytes = per_row
+                stale = True
+        if result.latency.cloud_ms is not None:
             self.planner.observe_cloud(result.latency.cloud_ms, first_cloud_segment(split), rows)
+            stale = stale or abs(self.planner.cloud_scale / self._planned_scale - 1) > self.options.hysteresis
+        if stale:
+            with self._lock:
+                self._stale = True
 
     def expected_cloud_s(self, split: Split, rows: int) -> float:
         if split == DEVICE_SPLIT:

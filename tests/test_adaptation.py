@@ -118,3 +118,35 @@ def test_link_change_shows_within_a_few_samples_even_after_a_long_stable_phase()
 
     assert samples_until(1.0, lambda bw: bw < 2e6) <= 4 and link.shifts == 1
     assert samples_until(50.0, lambda bw: bw > 25e6) <= 4 and link.shifts == 2
+
+
+def _cloud_result(rows: int, bytes_sent: int, cloud_ms: float | None):
+    return SimpleNamespace(decided=["cloud"] * rows, bytes_sent=bytes_sent,
+                           latency=SimpleNamespace(cloud_ms=cloud_ms))
+
+
+def test_a_raw_input_bigger_than_planned_re_plans_without_a_bandwidth_change():
+    # The planner assumes 1 byte per pixel for the raw input; pixels off the 8-bit grid travel as fp32 (4 bytes).
+    manifest = synthetic(3, [20000, 5000])
+    planner = Planner(manifest, profile([2, 2, 40]), profile([0.1, 0.1, 0.5]))
+    net = NetworkProfile("x", 0.5, 50, 5)
+    adapter = PlannerAdapter(planner, net, LinkStats(window=8, smoothing=1.0), AdaptOptions())
+    planned = planner.input_bytes
+    assert adapter.plan().strategy == "cloud-only"  # 1 byte/pixel: 18 ms on 0.5 Mbit/s, vs 44 ms on the device
+    adapter.observe("cloud", _cloud_result(2, 2 * 4 * planned, None))
+    assert planner.input_bytes == 4 * planned
+    assert adapter.plan().strategy != "cloud-only" and adapter.replans == 1
+    adapter.observe("cloud", _cloud_result(1, 4 * planned, None))  # as planned now: no re-plan
+    adapter.plan()
+    assert adapter.replans == 1
+
+
+def test_a_slower_cloud_than_profiled_re_plans():
+    adapter, link, manifest = _adapter()
+    first = adapter.plan()
+    assert first.strategy in ("split", "cloud-only")
+    for _ in range(20):  # the server reports 100x its profile: offloading stops paying
+        adapter.observe(first_split := candidate_split(first), _cloud_result(1, 100, 50.0 * 100))
+    assert adapter.planner.cloud_scale > 10
+    again = adapter.plan()
+    assert adapter.replans >= 1 and again.label != first.label, first_split

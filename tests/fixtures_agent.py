@@ -27,3 +27,14 @@ def input_shape(bundle: Path) -> tuple[int, ...]:
 def raw_batch(agent_bundle) -> np.ndarray:
     """Raw [0, 1] pixels shaped for the bundle input (8 rows)."""
     return np.random.default_rng(1).random((8, *input_shape(agent_bundle)), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def cloud(agent_bundle):
+    """A real in-process `edgeexit serve` of the agent bundle on a free loopback port (one per test module)."""
+    from edgeexit.runtime.oip_server import ServerOptions, build_server
+    from edgeexit.runtime.service import build_handlers
+
+    handle = build_server(build_handlers(agent_bundle), ServerOptions()).start()
+    yield handle
+    handle.stop(1.0)

@@ -19,9 +19,7 @@ from edgeexit.runtime.agent import Agent, AgentOptions, parse_listen
 from edgeexit.runtime.client import InferenceClient
 from edgeexit.runtime.decided import CLOUD, DECIDED_CODES
 from edgeexit.runtime.device import DeviceOptions
-from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
-from edgeexit.runtime.service import build_handlers
 from edgeexit.testbed.harness import free_port, launch
 
 
@@ -51,13 +49,6 @@ def agent_log():
     yield stream
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-@pytest.fixture
-def cloud(agent_bundle):
-    handle = build_server(build_handlers(agent_bundle), ServerOptions()).start()
-    yield handle
-    handle.stop(0.5)
 
 
 def test_agent_in_process_via_tritonclient(agent_bundle, cloud, raw_batch, agent_log):

@@ -18,19 +18,10 @@ from edgeexit.runtime.codec import encode
 from edgeexit.runtime.decided import CLOUD, DEVICE
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.link_monitor import LinkMonitor
-from edgeexit.runtime.oip_server import ServerOptions, build_server
 from edgeexit.runtime.runner import SegmentRunner
-from edgeexit.runtime.service import build_handlers
 from edgeexit.testbed.harness import AgentClient, free_port, launch
 from edgeexit.testbed.netsim import LinkConditions, Relay
 from tests.fixtures_agent import input_shape
-
-
-@pytest.fixture(scope="module")
-def cloud(agent_bundle):
-    handle = build_server(build_handlers(agent_bundle), ServerOptions()).start()
-    yield handle
-    handle.stop(1.0)
 
 
 @pytest.fixture(scope="module")

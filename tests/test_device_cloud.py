@@ -34,13 +34,6 @@ def start_cloud(bundle, port: int = 0):
 
 
 @pytest.fixture(scope="module")
-def cloud(agent_bundle):
-    handle = start_cloud(agent_bundle)
-    yield handle
-    handle.stop(1.0)
-
-
-@pytest.fixture(scope="module")
 def batch64(agent_bundle):
     return np.random.default_rng(7).random((64, *input_shape(agent_bundle)), dtype=np.float32)
 

@@ -164,13 +164,6 @@ def test_agent_forwards_the_timing_as_int64_microseconds(agent_bundle, slow_clou
     assert not any(k.endswith("_ms") for k in params)
 
 
-@pytest.fixture(scope="module")
-def cloud(agent_bundle):
-    server = build_server(build_handlers(agent_bundle)).start()
-    yield server
-    server.stop(1)
-
-
 def _pixels(bundle, rows=6, seed=2) -> np.ndarray:
     levels = np.random.default_rng(seed).integers(0, 256, (rows, *input_shape(bundle)))
     return levels.astype(np.float32) / np.float32(255)

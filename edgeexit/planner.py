@@ -7,12 +7,17 @@ whose calibrated exit rates are ``r_j`` (fraction of all inputs that leave at ex
     device    = sum_{k<=s} reach_k * D_k                                  expected device compute
     offload   = reach_{s+1}                                               fraction sent to the cloud
     local     = sum_{k<=s} (reach_k - reach_{k+1}) * D_0..k               inputs answered by a device exit
-    split     = local + offload * (D_0..s + encode_s + RTT + bytes_s / uplink + decode_s + C_{s+1}..end
-                                   + reply / downlink)
-    cascade   = local + offload * (D_0..s + RTT + input_bytes / uplink + C_0..end + reply / downlink)
+    split     = R_dev + local + offload * (D_0..s + encode_s + RTT + bytes_s / uplink + decode_s + C_{s+1}..end
+                                           + reply / downlink + R_cloud)
+    cascade   = R_dev + local + offload * (D_0..s + RTT + input_bytes / uplink + C_0..end + reply / downlink
+                                           + R_cloud)
+    cloud     = R_dev + RTT + input_bytes / uplink + C_0..end + reply / downlink + R_cloud
 
-Device-only is ``s = last`` (offload = 0). Cloud-only sends the raw input as uint8 (1 byte per element) and
-runs everything in the cloud. A **cascade** (``cascade@s``) runs the device's exits in segments 0..s and sends
+``R_dev`` and ``R_cloud`` are the profiles' ``request_ms``: the fixed cost of one request outside segment
+compute (every request goes through the agent on the device; offloaded ones also through the service). The
+device's busy time per input is ``R_dev + device`` (+ the encode share for a split). Device-only is ``s = last``
+(offload = 0). Cloud-only (``cloud``) sends the raw input as uint8 (1 byte per element) and runs everything in
+the cloud. A **cascade** (``cascade@s``) runs the device's exits in segments 0..s and sends
 an input none of them takes to the cloud as its raw uint8 input for the whole model ``<model>`` (uint8
 encode/decode cost ~0): it beats split@s when the boundary tensor is bigger than the input, which is common.
 The cloud costs ``C_k`` are the cloud profile times ``cloud_scale``, which :meth:`Planner.observe_cloud`
@@ -61,8 +66,8 @@ class Candidate:
     encoding: str | None
     setting: str
     latency_ms: float
-    device_ms: float  # expected device busy time per input (compute + encode)
-    cloud_ms: float
+    device_ms: float  # expected device busy time per input (request path + compute + encode)
+    cloud_ms: float  # expected cloud time per input (request handling + decode + compute, offloaded share)
     bytes: float  # expected bytes sent per input
     offload_fraction: float
     accuracy: float | None
@@ -209,15 +214,16 @@ class Planner:
         cum_d = [sum(self.device_ms[: k + 1]) for k in range(self.n)]
         total_c = sum(cloud_ms)
         raw_net = _network_ms(self.input_bytes, self.reply_bytes, net)
+        r_dev, r_cloud = self.device.request_ms, self.cloud.request_ms
         for setting in self.settings:
             reach = self._reach(setting)
             th = tuple(setting.thresholds)
             for s in range(self.n):  # s = n-1 is device-only
                 local = sum((reach[k] - reach[k + 1]) * cum_d[k] for k in range(s + 1))
-                dev = sum(reach[k] * self.device_ms[k] for k in range(s + 1))
+                dev = r_dev + sum(reach[k] * self.device_ms[k] for k in range(s + 1))
                 acc = self._accuracy(setting, s)
                 if s == self.n - 1:
-                    out.append(Candidate("device-only", None, None, setting.name, local, dev, 0.0,
+                    out.append(Candidate("device-only", None, None, setting.name, r_dev + local, dev, 0.0,
                                          0.0, 0.0, acc, th))
                     continue
                 p = reach[s + 1]
@@ -226,16 +232,17 @@ class Planner:
                     nbytes = self.manifest.split_points[s].bytes_per_sample[enc]
                     enc_ms = self._codec_ms(self.device.encode_ms, enc, s)
                     dec_ms = self._codec_ms(self.cloud.decode_ms, enc, s)
-                    lat = local + p * (cum_d[s] + enc_ms + _network_ms(nbytes, self.reply_bytes, net) + dec_ms + tail)
-                    out.append(Candidate("split", s, enc, setting.name, lat, dev + p * enc_ms, p * (dec_ms + tail),
-                                         p * nbytes, p, acc, th))
+                    wire = enc_ms + _network_ms(nbytes, self.reply_bytes, net) + dec_ms
+                    lat = r_dev + local + p * (cum_d[s] + wire + tail + r_cloud)
+                    out.append(Candidate("split", s, enc, setting.name, lat, dev + p * enc_ms,
+                                         p * (dec_ms + tail + r_cloud), p * nbytes, p, acc, th))
                 if p >= 1.0:
                     continue  # no device exit up to s takes anything: cloud-only without the device work wins
-                lat = local + p * (cum_d[s] + raw_net + total_c)
-                out.append(Candidate("cascade", s, RAW_ENCODING, setting.name, lat, dev, p * total_c,
+                lat = r_dev + local + p * (cum_d[s] + raw_net + total_c + r_cloud)
+                out.append(Candidate("cascade", s, RAW_ENCODING, setting.name, lat, dev, p * (total_c + r_cloud),
                                      p * self.input_bytes, p, acc, th))
-        out.append(Candidate("cloud-only", None, RAW_ENCODING, NO_EXIT, raw_net + total_c, 0.0, total_c,
-                             float(self.input_bytes), 1.0, self.settings[0].final_accuracy))
+        out.append(Candidate("cloud-only", None, RAW_ENCODING, NO_EXIT, r_dev + raw_net + total_c + r_cloud, r_dev,
+                             total_c + r_cloud, float(self.input_bytes), 1.0, self.settings[0].final_accuracy))
         return out
 
     def plan(self, net: NetworkProfile, objective: str = "latency") -> Plan:

@@ -45,6 +45,9 @@ class LatencyProfile:
 
     ``segment_ms[batch][k]`` is the median latency of segment k at that batch size; ``encode_ms[enc][s]`` and
     ``decode_ms[enc][s]`` are the wire codec's cost for one sample's boundary tensor at split point s.
+    ``request_ms`` is the fixed cost of one request on this role outside segment compute (gRPC, tensor decode,
+    input checks, response encode; on the device also the app's own loopback call to the agent): 0.0 in
+    profiles made before it was measured.
     """
 
     backend: str
@@ -56,6 +59,7 @@ class LatencyProfile:
     host: str = ""
     slowdown: float = 1.0  # > 1: an emulated device class scaled from this host's measurement
     device_class: str = "host"
+    request_ms: float = 0.0
 
     def per_sample_ms(self, batch: int = 1) -> list[float]:
         """Per-segment latency for one sample, from the closest measured batch size."""
@@ -72,7 +76,8 @@ class LatencyProfile:
             return {key: [v * f for v in vals] for key, vals in d.items()}
 
         return LatencyProfile(self.backend, self.threads, scale(self.segment_ms), scale(self.segment_p90_ms),
-                              scale(self.encode_ms), scale(self.decode_ms), self.host, self.slowdown * f, device.name)
+                              scale(self.encode_ms), scale(self.decode_ms), self.host, self.slowdown * f, device.name,
+                              self.request_ms * f)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +90,7 @@ class LatencyProfile:
                 backend=d["backend"], threads=int(d["threads"]), segment_ms=ints(d["segment_ms"]),
                 segment_p90_ms=ints(d.get("segment_p90_ms", {})), encode_ms=d.get("encode_ms", {}),
                 decode_ms=d.get("decode_ms", {}), host=d.get("host", ""), slowdown=float(d.get("slowdown", 1.0)),
-                device_class=d.get("device_class", "host"),
+                device_class=d.get("device_class", "host"), request_ms=float(d.get("request_ms", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"latency profile is malformed ({e!r}); re-create it with `edgeexit profile`") from e

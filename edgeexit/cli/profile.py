@@ -1,4 +1,4 @@
-"""`edgeexit profile`: measure per-segment latency and codec cost on this machine."""
+"""`edgeexit profile`: measure per-segment latency, codec cost and per-request overhead on this machine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_backend_args(p)
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1: one phone-class core)")
     p.add_argument("--role", default="device", choices=["device", "cloud"],
-                   help="which side this machine plays; --store saves the profile under this role")
+                   help="which side this machine plays: its per-request overhead is measured (device: a local "
+                        "agent called like an app calls it; cloud: the service) and --store saves the profile under it")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", help="write the profile JSON here")
@@ -25,11 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgeexit.cli.common import parse_int_list
     from edgeexit.runtime.profiling import measure_profile, profile_table
+    from edgeexit.runtime.request_cost import measure_request_ms
     from edgeexit.runtime.runner import SegmentRunner
 
     runner = SegmentRunner(args.bundle, backend=args.backend, threads=args.threads, fmt=args.fmt)
     prof = measure_profile(runner, parse_int_list(args.batch, "--batch"), repeats=args.repeats, progress=True)
+    prof.request_ms = measure_request_ms(runner, args.role, repeats=args.repeats)
     print(profile_table(prof))
+    where = "agent request path, app call included" if args.role == "device" else "service request handling"
+    print(f"\nper-request overhead ({args.role}: {where}, outside segment compute): {prof.request_ms:.3f} ms")
     if args.out:
         prof.save(args.out)
         print(f"wrote {args.out}")

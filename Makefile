@@ -43,7 +43,7 @@ $(CAMERA_READY): $(CAMERA_PT2) | $(SETUP)
 	$(PY) -m edgeexit calibrate $(CAMERA) --data fashion-mnist-96 --split val --policy entropy --mode accuracy \
 	  --epsilon 0.005 --delta 0.05
 	$(PY) -m edgeexit profile $(CAMERA) --role device --store
-	$(PY) -m edgeexit profile $(CAMERA) --role cloud --threads 2 --store
+	$(PY) -m edgeexit profile $(CAMERA) --role cloud --threads 1 --store
 	@mkdir -p $(ART) && touch $(CAMERA_READY)
 
 demo: $(SETUP) $(CAMERA_READY)

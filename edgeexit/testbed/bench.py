@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from edgeexit.testbed.experiment import Sample, Strategy
 
 DEFAULT_MODEL = "artifacts/camera_resnet.edgeexit"
-DEFAULT_DEVICES = "raspberry-pi-5,mid-range-phone,raspberry-pi-4"
-DEFAULT_NETWORKS = "wifi,4g,3g,congested"
+DEFAULT_DEVICES = "mid-range-phone,raspberry-pi-4,jetson-nano"
+DEFAULT_NETWORKS = "wifi,5g,4g,3g,congested"
 BASELINES = ("device-only", "cloud-only")
 ADAPTIVE = ("edgeexit", "bandit")
 log = logging.getLogger(__name__)

@@ -124,7 +124,9 @@ class TestbedOptions:
     bundle: Path
     device_class: str | None = "raspberry-pi-4"  # EMULATION; None = this host's speed
     emulation: str = "auto"  # "auto" | "cgroup" | "stretch": how agents emulate device_class (device_emulation)
-    service_threads: int = 2
+    # One intra-op thread: on these 2-vCPU machines onnxruntime with 2 threads ran the camera model's segments
+    # 1.5-3x SLOWER at batch 1 (`edgeexit profile --role cloud --threads 1|2`, measured side by side).
+    service_threads: int = 1
     warmup: int = 3  # requests per agent and condition, excluded from the rows
     # A just-started agent (every adaptive one, per condition) gets at least this many warm-up requests, so
     # its first-request costs (cold caches, arenas, JIT-ed kernels), which the emulated slowdown multiplies,
@@ -312,7 +314,7 @@ def prepare_bundle(bundle: Path, say: Callable[[str], None] = print) -> tuple[Pa
     if not manifest.policy or manifest.policy.get("kind") in (None, "never"):
         _cli(["calibrate", str(bundle), "--data", data, "--split", "val", "--no-progress"], say)
         notes.append(f"calibrated the exits on the {data} val split (the calibrate command's defaults)")
-    for role, threads in (("device", "1"), ("cloud", "2")):
+    for role, threads in (("device", "1"), ("cloud", "1")):  # the service runs 1 thread: see TestbedOptions
         if role not in manifest.profiles:
             _cli(["profile", str(bundle), "--role", role, "--threads", threads, "--store"], say)
             notes.append(f"profiled this host as the {role} ({threads} thread(s)) and stored it in the bundle")

@@ -30,7 +30,9 @@ each candidate carries its setting's thresholds so the runtime applies what was 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,10 @@ from edgeexit.profiles import LatencyProfile, NetworkProfile
 
 OBJECTIVES = ("latency", "throughput", "bytes")
 REPLY_BYTES_PER_CLASS = 4
-CLOUD_BLEND = 0.2  # weight of one server-reported cloud time in Planner.cloud_scale
+# Planner.cloud_scale is the median of the last CLOUD_WINDOW server-reported / profiled ratios, once there are
+# CLOUD_MIN_SAMPLES: one slow request (a cold session, a GC pause) must not move the plan, a busy server must.
+CLOUD_WINDOW = 15
+CLOUD_MIN_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -143,9 +148,10 @@ class Planner:
                               f"bundle has {self.n}; profile this bundle with `edgeexit profile`")
         self.device = device
         self.cloud = cloud
-        # Measured cloud time / profiled cloud time (EWMA of observe_cloud): the stored profile was made on
-        # some machine at some load; the server's own figures say what it costs now.
+        # Measured cloud time / profiled cloud time (robust median of observe_cloud): the stored profile was made
+        # on some machine at some load; the server's own figures say what it costs now.
         self.cloud_scale = 1.0
+        self._cloud_ratios: deque[float] = deque(maxlen=CLOUD_WINDOW)
         self._scale_lock = threading.Lock()
         self.settings = settings if settings is not None else exit_settings(manifest)
         self.encodings = tuple(e for e in encodings if self._encoding_usable(e))
@@ -159,24 +165,23 @@ class Planner:
         """Expected cloud compute per segment for one sample: the cloud profile x ``cloud_scale``."""
         return [t * self.cloud_scale for t in self._cloud_profile_ms]
 
-    def observe_cloud(self, compute_ms: float, first_segment: int = 0, rows: int = 1,
-                      weight: float = CLOUD_BLEND) -> None:
-        """Blend a server-reported compute time into ``cloud_scale``.
+    def observe_cloud(self, compute_ms: float, first_segment: int = 0, rows: int = 1) -> None:
+        """Take a server-reported compute time into ``cloud_scale`` (the median of recent ratios to the profile).
 
         ``compute_ms`` is what the cloud spent on ``rows`` rows of segments ``first_segment..last`` (0 for the
         whole model, ``s + 1`` for the tail after split ``s``).
         """
         if not 0 <= first_segment < self.n:
             raise ConfigError(f"first_segment {first_segment} is outside this bundle's segments 0..{self.n - 1}")
-        if rows < 1 or not math.isfinite(compute_ms) or compute_ms < 0 or not 0 < weight <= 1:
-            raise ConfigError(f"observe_cloud needs compute_ms >= 0, rows >= 1 and weight in (0, 1]; got "
-                              f"{compute_ms!r}, {rows!r}, {weight!r}")
+        if rows < 1 or not math.isfinite(compute_ms) or compute_ms < 0:
+            raise ConfigError(f"observe_cloud needs compute_ms >= 0 and rows >= 1; got {compute_ms!r}, {rows!r}")
         expected = sum(self._cloud_profile_ms[first_segment:])
         if expected <= 0:
             return  # a profile of zeros has nothing to scale
-        ratio = compute_ms / rows / expected
         with self._scale_lock:
-            self.cloud_scale = (1 - weight) * self.cloud_scale + weight * ratio
+            self._cloud_ratios.append(compute_ms / rows / expected)
+            if len(self._cloud_ratios) >= CLOUD_MIN_SAMPLES:
+                self.cloud_scale = float(statistics.median(self._cloud_ratios))
 
     def _encoding_usable(self, enc: str) -> bool:
         return enc != "int8" or all(p.quantization for p in self.manifest.split_points)

@@ -108,6 +108,11 @@ class Adapter(Protocol):
         """Learn from a finished request that ran at ``split`` (a runtime.device.Result)."""
         ...
 
+    def observe_cloud(self, split: Split, cloud_ms: float, rows: int) -> None:
+        """The server reported ``cloud_ms`` (queue + compute) for ``rows`` rows offloaded at ``split`` (a probe's
+        answer too: while nothing is offloaded, probes are the only news of the server)."""
+        ...
+
     def probe_due(self) -> bool:
         """True when the runtime should send a background probe now (the choices send nothing to measure)."""
         ...
@@ -207,10 +212,15 @@ class PlannerAdapter:
             if abs(per_row - self.planner.input_bytes) > 0.1 * self.planner.input_bytes:
                 self.planner.input_bytes = per_row
                 stale = True
-        if result.latency.cloud_ms is not None:
-            self.planner.observe_cloud(result.latency.cloud_ms, first_cloud_segment(split), rows)
-            stale = stale or abs(self.planner.cloud_scale / self._planned_scale - 1) > self.options.hysteresis
         if stale:
+            with self._lock:
+                self._stale = True
+        if result.latency.cloud_ms is not None:
+            self.observe_cloud(split, result.latency.cloud_ms, rows)
+
+    def observe_cloud(self, split: Split, cloud_ms: float, rows: int) -> None:
+        self.planner.observe_cloud(cloud_ms, first_cloud_segment(split), rows)
+        if abs(self.planner.cloud_scale / self._planned_scale - 1) > self.options.hysteresis:
             with self._lock:
                 self._stale = True
 
@@ -249,6 +259,9 @@ class BanditAdapter:
 
     def pick(self) -> Choice:
         return Choice(self.choose())  # the bandit has no exit settings: the runtime's policy applies
+
+    def observe_cloud(self, split: Split, cloud_ms: float, rows: int) -> None:
+        """Nothing: the bandit's rewards already hold each arm's whole latency, the cloud's share included."""
 
     def observe(self, split: Split, result: Any) -> None:
         """Reward from a finished request's Result (confidence, device time, network time)."""

@@ -193,6 +193,7 @@ class DeviceRuntime:
             if o.policy is not None:
                 adapt.settings = planned_settings(self.manifest, self.policy)  # plan for the policy that runs
             self.adapter = build_adapter(self.manifest, self.runner, adapt, self.monitor.stats, clock)
+            self.monitor.on_cloud_time = lambda split, ms: self.adapter.observe_cloud(split, ms, 1)
             self.split = self.adapter.choose()
         self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
         for k in self._segments_to_open():

@@ -46,6 +46,9 @@ class LinkMonitor:
         self._model = model
         self._clock = clock
         self._on_event = on_event  # (event name, **fields), e.g. DeviceRuntime._emit
+        # (split, the server's reported ms) of each probe's answer: the adapter's only news of the server while
+        # nothing is offloaded (set by the runtime that owns the adapter).
+        self.on_cloud_time: Callable[[int, float], None] | None = None
 
     def record_offload(self, nbytes: int, network_s: float) -> None:
         """One real offload: ``nbytes`` on the wire took ``network_s`` of network time (cloud compute excluded)."""
@@ -82,7 +85,10 @@ class LinkMonitor:
             reply = self._client.infer(cloud_model(self._model, split), f"boundary{split}", wire, timeout=timeout_s)
             seconds = self._clock() - t0
             # Without a report the probe's whole time counts as link (no estimate of the cloud's share here).
-            self.stats.record(len(wire.data), network_seconds(seconds, getattr(reply, "server", None)))
+            server = getattr(reply, "server", None)
+            self.stats.record(len(wire.data), network_seconds(seconds, server))
+            if server is not None and self.on_cloud_time is not None:
+                self.on_cloud_time(split, server.total_s * 1e3)
             self._emit("probe", split=split, bytes=len(wire.data), seconds=round(seconds, 4))
         except EdgeExitError as e:
             self._emit("probe", split=split, error=type(e).__name__)

@@ -150,3 +150,18 @@ def test_a_slower_cloud_than_profiled_re_plans():
     assert adapter.planner.cloud_scale > 10
     again = adapter.plan()
     assert adapter.replans >= 1 and again.label != first.label, first_split
+
+
+def test_one_slow_cloud_answer_does_not_move_the_plan_but_probes_bring_the_cloud_back():
+    adapter, link, manifest = _adapter()
+    first = adapter.plan()
+    split, size = candidate_split(first), int(adapter.planner.input_bytes)  # the raw input travels as planned
+    adapter.observe(split, _cloud_result(1, size, 500.0))  # one cold request: 1000x the profile
+    assert adapter.plan() is first and adapter.replans == 0
+    for _ in range(5):  # the server really is slow now: the plan leaves the cloud
+        adapter.observe(split, _cloud_result(1, size, 500.0))
+    away = adapter.plan()
+    assert away.label != first.label
+    for _ in range(15):  # probes report the server fast again (while nothing is offloaded)
+        adapter.observe_cloud(0, 0.1, 1)
+    assert adapter.plan().label == first.label

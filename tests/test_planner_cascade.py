@@ -80,14 +80,18 @@ def test_candidates_carry_the_calibrated_thresholds():
     assert {c.setting: c.thresholds for c in cands} == {NO_EXIT: (), "a": (0.7, 0.8)}
 
 
-def test_observe_cloud_blends_server_time_into_the_cloud_cost():
+def test_observe_cloud_takes_the_median_server_time_into_the_cloud_cost():
     p = planner()
     base = by_label(p.candidates(MID))["cloud-only/no-exit"].latency_ms
-    p.observe_cloud(3.0, first_segment=0, rows=1, weight=1.0)  # whole model took 3 ms, the profile says 1.5
+    p.observe_cloud(3.0, first_segment=0, rows=1)  # whole model took 3 ms, the profile says 1.5 ...
+    p.observe_cloud(3.0, first_segment=0, rows=1)
+    assert p.cloud_scale == 1.0  # ... but two samples are not enough to move the plan
+    p.observe_cloud(3.0, first_segment=0, rows=1)
     assert p.cloud_scale == pytest.approx(2.0) and p.cloud_ms == pytest.approx([1.0, 1.0, 1.0])
     assert by_label(p.candidates(MID))["cloud-only/no-exit"].latency_ms == pytest.approx(base + 1.5)
-    p.observe_cloud(1.0, first_segment=2, rows=2, weight=0.5)  # tail: 0.5 ms per row, as profiled
-    assert p.cloud_scale == pytest.approx(0.5 * 2.0 + 0.5 * 1.0)
+    p.observe_cloud(1.0, first_segment=2, rows=2)  # tail: 0.5 ms per row, as profiled (ratio 1)
+    p.observe_cloud(60.0, first_segment=0, rows=1)  # one cold request, 40x: an outlier the median ignores
+    assert p.cloud_scale == pytest.approx(2.0)
 
 
 def test_a_busy_server_moves_the_plan_off_the_cloud():

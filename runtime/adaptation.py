@@ -36,10 +36,10 @@ from edgeexit.profiles import NetworkProfile
 from edgeexit.runtime import codec
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.splits import (
+    CLOUD_SPLIT,
     DEVICE_SPLIT,
     Split,
     candidate_split,
-    cheapest_split,
     first_cloud_segment,
     offloads_input,
 )
@@ -117,8 +117,8 @@ class Adapter(Protocol):
         """True when the runtime should send a background probe now (the choices send nothing to measure)."""
         ...
 
-    def probe_split(self) -> int:
-        """The split point whose boundary a probe sends."""
+    def probe_split(self) -> Split:
+        """Where a probe is sent: ``"cloud"`` (the raw input to the whole model, no device compute)."""
         ...
 
     def expected_cloud_s(self, split: Split, rows: int) -> float:
@@ -141,7 +141,6 @@ class PlannerAdapter:
         self._last_probe = clock()
         self._probe_interval = self.options.probe_interval_s
         # A bundle without split points has no boundary to probe with; its plans are device- or cloud-only.
-        self._probe_split = cheapest_split(planner.manifest) if planner.manifest.split_points else None
         self.replans = 0
         # observe() marks the plan stale when what the planner assumed about the cloud's time or the raw input's
         # wire size proved wrong; the next plan() re-plans even if the bandwidth stayed in its band.
@@ -182,7 +181,7 @@ class PlannerAdapter:
 
     def probe_due(self) -> bool:
         """True (at most once per interval) when the current choice sends nothing, so a probe should."""
-        if self._probe_split is None or (self.choice.offload_fraction > 0 and self.choice.strategy != "device-only"):
+        if self.choice.offload_fraction > 0 and self.choice.strategy != "device-only":
             return False
         now = self._clock()
         with self._lock:
@@ -192,11 +191,10 @@ class PlannerAdapter:
             self._probe_interval = min(2 * self._probe_interval, self.options.max_probe_interval_s)
             return True
 
-    def probe_split(self) -> int:
-        """The split point whose boundary a probe sends: the fewest bytes, so a probe is cheap."""
-        if self._probe_split is None:
-            raise ConfigError("this bundle has no split point to probe with")
-        return self._probe_split
+    def probe_split(self) -> Split:
+        """A probe sends one row's raw input to the whole model: it costs the device no compute (a boundary
+        probe would run the device's segments, inside the same CPU budget as the requests), only its bytes."""
+        return CLOUD_SPLIT
 
     def observe(self, split: Split, result: Any) -> None:
         """Learn what the planner assumed: the cloud's reported queue + compute time moves its cloud cost, and a
@@ -278,8 +276,8 @@ class BanditAdapter:
         """Never: the bandit measures every arm, offloading ones included, by choosing it now and then."""
         return False
 
-    def probe_split(self) -> int:
-        return 0  # unused (no probes); the Adapter protocol asks for a valid split point
+    def probe_split(self) -> Split:
+        return CLOUD_SPLIT  # unused: the bandit never probes
 
     def expected_cloud_s(self, split: Split, rows: int) -> float:
         """0: the bandit has no cloud profile (its link samples then include the cloud's compute)."""

@@ -239,7 +239,7 @@ class DeviceRuntime:
         if self.adapter is not None:
             self.adapter.observe(split, result)
             if self.adapter.probe_due():
-                self._probe(x)
+                self._probe(raw)
         return result
 
     def close(self) -> None:
@@ -334,17 +334,20 @@ class DeviceRuntime:
     def _expected_cloud_s(self, split: Split, rows: int) -> float:
         return self.adapter.expected_cloud_s(split, rows) if self.adapter is not None else 0.0
 
-    def _probe(self, x: np.ndarray) -> None:
-        """The adapter wants the link measured while nothing is offloaded: the monitor sends one row's boundary
-        in the background (its answer is ignored; the user was answered already)."""
-        split = self.adapter.probe_split()
-        o = self.options
+    def _probe(self, raw: np.ndarray) -> None:
+        """The adapter wants the link measured while nothing is offloaded: the monitor sends one row in the
+        background (its answer is ignored; the user was answered already)."""
+        split, o = self.adapter.probe_split(), self.options
+        raw_input = splits.offloads_input(split)
 
         def wire() -> codec.WireTensor:
-            boundary = self.runner.run(x[:1], 0, split + 1).boundary
+            if raw_input:
+                return codec.encode_input(raw[:1], o.encoding, o.compress)
+            boundary = self.runner.run(self.runner.normalize(raw[:1]), 0, split + 1).boundary
             return codec.encode(boundary, o.encoding, self._quant.get(split), o.compress)
 
-        self.monitor.probe(split, wire, o.deadline_ms / 1000.0)
+        name = self.manifest.input.name if raw_input else f"boundary{split}"
+        self.monitor.probe(split, name, wire, o.deadline_ms / 1000.0)
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _deepest_exit(self, outputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray:

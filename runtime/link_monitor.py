@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.codec import WireTensor
 from edgeexit.runtime.link_stats import LinkStats
-from edgeexit.runtime.splits import cloud_model
+from edgeexit.runtime.splits import Split, cloud_model
 
 if TYPE_CHECKING:
     from edgeexit.runtime.device import CloudClient
@@ -48,7 +48,7 @@ class LinkMonitor:
         self._on_event = on_event  # (event name, **fields), e.g. DeviceRuntime._emit
         # (split, the server's reported ms) of each probe's answer: the adapter's only news of the server while
         # nothing is offloaded (set by the runtime that owns the adapter).
-        self.on_cloud_time: Callable[[int, float], None] | None = None
+        self.on_cloud_time: Callable[[Split, float], None] | None = None
 
     def record_offload(self, nbytes: int, network_s: float) -> None:
         """One real offload: ``nbytes`` on the wire took ``network_s`` of network time (cloud compute excluded)."""
@@ -62,13 +62,15 @@ class LinkMonitor:
         thread.start()
         return thread
 
-    def probe(self, split: int, make_wire: Callable[[], WireTensor], timeout_s: float) -> threading.Thread | None:
-        """Send one boundary tensor at ``split`` in the background and record how long it took; its answer is
-        ignored. ``make_wire`` runs on the probe thread, so the request that triggered the probe is not delayed."""
+    def probe(self, split: Split, input_name: str, make_wire: Callable[[], WireTensor], timeout_s: float
+              ) -> threading.Thread | None:
+        """Send one tensor (``input_name`` of the cloud model at ``split``) in the background and record how long
+        it took; its answer is ignored. ``make_wire`` runs on the probe thread, so the request that triggered the
+        probe is not delayed."""
         if self._client is None:
             return None
-        thread = threading.Thread(target=self._probe, args=(split, make_wire, timeout_s), name="edgeexit-probe",
-                                  daemon=True)
+        thread = threading.Thread(target=self._probe, args=(split, input_name, make_wire, timeout_s),
+                                  name="edgeexit-probe", daemon=True)
         thread.start()
         return thread
 
@@ -78,11 +80,11 @@ class LinkMonitor:
             if self._client.ready(timeout=WARM_UP_TIMEOUT_S):
                 self.stats.record_rtt(self._clock() - t0)
 
-    def _probe(self, split: int, make_wire: Callable[[], WireTensor], timeout_s: float) -> None:
+    def _probe(self, split: Split, input_name: str, make_wire: Callable[[], WireTensor], timeout_s: float) -> None:
         try:
             wire = make_wire()
             t0 = self._clock()
-            reply = self._client.infer(cloud_model(self._model, split), f"boundary{split}", wire, timeout=timeout_s)
+            reply = self._client.infer(cloud_model(self._model, split), input_name, wire, timeout=timeout_s)
             seconds = self._clock() - t0
             # Without a report the probe's whole time counts as link (no estimate of the cloud's share here).
             server = getattr(reply, "server", None)

@@ -81,9 +81,9 @@ def test_the_planner_probes_the_link_in_the_background_while_device_only(agent_b
         res = rt.infer(batch[:2])
         assert res.decided == [DEVICE, DEVICE]
         assert probed.wait(10), "no probe after the interval passed"
-        split = rt.adapter.probe_split()
-        assert probes[0]["split"] == split and "error" not in probes[0]
-        assert probes[0]["bytes"] == rt.manifest.split_points[split].bytes_per_sample["fp32"]  # one row
+        assert rt.adapter.probe_split() == "cloud"  # the raw input: no device compute for a probe
+        assert probes[0]["split"] == "cloud" and "error" not in probes[0]
+        assert probes[0]["bytes"] == rt.manifest.input.sample_elements() * 4  # one row, off the 8-bit grid: fp32
         assert rt.link.estimate().samples == 1
     finally:
         rt.close()
@@ -98,12 +98,12 @@ def test_link_monitor_warm_up_measures_the_rtt_and_probes_report_failures(agent_
         monitor = LinkMonitor(client, r.manifest.name)
         monitor.warm_up().join(10)
         assert monitor.stats.estimate().rtt_s > 0
-        monitor.probe(0, lambda: encode(boundary), 5.0).join(10)
+        monitor.probe(0, "boundary0", lambda: encode(boundary), 5.0).join(10)
         assert monitor.stats.estimate().samples == 1
     events: list[tuple[str, dict]] = []
     with InferenceClient(f"127.0.0.1:{free_port()}") as dead:
         monitor = LinkMonitor(dead, r.manifest.name, on_event=lambda e, **f: events.append((e, f)))
-        monitor.probe(0, lambda: encode(boundary), 1.0).join(10)
+        monitor.probe(0, "boundary0", lambda: encode(boundary), 1.0).join(10)
     assert events == [("probe", {"split": 0, "error": PeerUnavailable.__name__})]
     assert monitor.stats.estimate().samples == 0
     assert LinkMonitor(None, "m").warm_up() is None  # device-only: nothing to measure

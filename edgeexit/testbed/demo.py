@@ -96,7 +96,7 @@ def run_demo(o: DemoOptions) -> int:
                               " / ".join(str(where[d]) for d in where), f"{np.mean([r.bytes_sent for r in mine]):.0f}",
                               ", ".join(used)])
             print(markdown_table(["strategy", "mean ms", "p95 ms", "accuracy", "device / cloud / fallback",
-                                  "bytes/img", "splits used"], table))
+                                  "bytes/img", "splits used"], table, left=1))
     failed = [(name, code) for name, code in bed.exit_codes if code != 0]
     print(f"\n{len(bed.exit_codes)} processes stopped, " + (f"NOT cleanly: {failed}" if failed else "all cleanly")
           + f" (logs in {o.work})")

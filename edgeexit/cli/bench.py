@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--networks", default=DEFAULT_NETWORKS, help=f"network profiles (default {DEFAULT_NETWORKS})")
     p.add_argument("--samples", type=int, default=200,
                    help="test images per condition, every strategy answering each (default 200; the default grid "
-                        "takes ~20 min on 2 cores; raise it for tighter intervals on a quiet machine)")
+                        "takes ~27 min on 2 cores; fewer --devices/--networks for a shorter run)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up requests per agent and condition, excluded (10)")
     p.add_argument("--deadline-ms", type=float, default=3000.0, help="the agents' per-request deadline (3000)")
     p.add_argument("--emulation", choices=("auto", "cgroup", "stretch"), default="auto",

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "artifacts/camera_resnet.edgeexit"
 DEFAULT_DEVICES = "mid-range-phone,raspberry-pi-4,jetson-nano"
 DEFAULT_NETWORKS = "wifi,5g,4g,3g,congested"
-BASELINES = ("device-only", "cloud-only")
-ADAPTIVE = ("edgeexit", "bandit")
 log = logging.getLogger(__name__)
 # Module-level imports stay light: `edgeexit --help` (and every command's parser) reads this docstring.
 

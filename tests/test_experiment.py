@@ -10,8 +10,7 @@ from edgeexit.errors import ConfigError
 from edgeexit.profiles import load_network
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.testbed import experiment as ex
-from edgeexit.testbed.experiment import Condition, Sample, Strategy, prepare_bundle, run_condition, subsample
-from edgeexit.testbed.experiment_report import best_of, summarize, summarize_all
+from edgeexit.testbed.experiment import Condition, Strategy, prepare_bundle, run_condition, subsample
 
 
 def _edgeexit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -29,32 +28,16 @@ def test_static_strategies_through_real_processes_give_sane_rows(tiny_bundle, tm
                                       log_dir=tmp_path)) as bed:
         rows = run_condition(bed, strategies, cond, x, y)
     assert [r.strategy for r in rows] == ["cloud-only", "device-only"] * 3  # interleaved sample by sample
-    by = summarize_all(rows)["test-link"]
-    cloud, device = by["cloud-only"], by["device-only"]
-    assert cloud.accuracy == device.accuracy == 1.0  # same answers as the bundle run locally
+    cloud = [r for r in rows if r.strategy == "cloud-only"]
+    device = [r for r in rows if r.strategy == "device-only"]
+    assert all(r.label == r.truth for r in rows)  # same answers as the bundle run locally
     in_bytes = runner.manifest.input.sample_elements() * 4
-    assert cloud.bytes_per_request == in_bytes and cloud.offloaded == 1.0 and cloud.splits == {"cloud": 3}
-    assert min(r.wall_ms for r in rows if r.strategy == "cloud-only") >= 40  # the relay's RTT is imposed
-    assert cloud.cloud_ms > 0 and device.cloud_ms == 0 and device.bytes_per_request == 0
-    assert device.device_ms > 0 and device.splits == {"device": 3} and device.fallbacks == 0
-
-
-def _sample(strategy: str, wall: float, label: int = 1, truth: int = 1) -> Sample:
-    return Sample(strategy, "c", 0, label, truth, 2, "cloud", "0", 100, wall, 1.0, wall - 1, 0.5, False)
-
-
-def test_summaries_and_the_oracle_pick_the_fastest_measured_strategy():
-    rows = [_sample("a", 10), _sample("a", 30, label=0), _sample("b", 5), _sample("b", 7)]
-    by = summarize_all(rows)["c"]
-    assert by["a"].mean_ms == 20 and by["a"].accuracy == 0.5 and by["b"].accuracy == 1.0
-    assert by["a"].p95_ms == pytest.approx(29.0)
-    oracle = best_of(by, ["a", "b"], "oracle")
-    assert oracle.strategy == "oracle" and oracle.picked == "b" and oracle.mean_ms == 6
-    assert "oracle (= b)" in oracle.row()[1]
-    with pytest.raises(ConfigError, match="none of the strategies"):
-        best_of(by, ["missing"], "oracle")
-    with pytest.raises(ConfigError):
-        summarize([])
+    assert all(r.bytes_sent == in_bytes and r.decided == "cloud" and r.split == "cloud" for r in cloud)
+    assert min(r.wall_ms for r in cloud) >= 40  # the relay's RTT is imposed
+    assert np.mean([r.cloud_ms for r in cloud]) > 0
+    assert all(r.cloud_ms == 0 and r.bytes_sent == 0 for r in device)
+    assert np.mean([r.device_ms for r in device]) > 0
+    assert all(r.split == "device" and not r.fallback for r in device)
 
 
 def test_condition_maps_to_relay_and_a_loadable_prior(tmp_path):

@@ -4,19 +4,26 @@ A server hosts ``ModelHandler`` objects (one per model name). The servicer decod
 dataclasses (``oip_messages``), calls the handler, and maps raised edgeexit errors to gRPC statuses in one
 place (``status``). ``build_server`` adds TLS / mTLS, a bearer-token interceptor, deliberately raised
 message limits, the standard gRPC health service and Prometheus metrics; ``stop(grace)`` drains.
+
+Every RPC is registered without a request deserializer and parses its bytes itself: grpcio (1.85) answers a
+request its deserializer refuses with INTERNAL, logs a traceback and keeps ~16 KB per such request. Parsing
+here answers INVALID_ARGUMENT and keeps nothing. Prometheus ``/metrics`` is plain HTTP without auth, so it
+binds to ``metrics_host`` (loopback by default), whatever the gRPC ``host``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edgeexit.errors import ConfigError
+from edgeexit.errors import ConfigError, InvalidTensor
 from edgeexit.runtime.metrics import ServerMetrics
 from edgeexit.runtime.oip_messages import (
     InferRequest,
@@ -29,9 +36,20 @@ from edgeexit.runtime.oip_messages import (
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
 from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
 from edgeexit.runtime.security import TokenInterceptor, server_credentials
-from edgeexit.runtime.status import ModelNotFound, grpc_status, status_for
+from edgeexit.runtime.status import ModelNotFound, clip, grpc_status, status_for
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+UNKNOWN_MODEL = "<unknown>"  # metrics label of requests for models not served (client-chosen names)
+
+# Every RPC of the service: name, request and response message.
+RPCS: tuple[tuple[str, type[Message], type[Message]], ...] = (
+    ("ServerLive", pb.ServerLiveRequest, pb.ServerLiveResponse),
+    ("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse),
+    ("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse),
+    ("ServerMetadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    ("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    ("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse),
+)
 
 
 @runtime_checkable
@@ -58,6 +76,7 @@ class ServerOptions:
     max_message_bytes: int = 64 << 20  # gRPC's 4 MB default is too small for real boundary tensors
     workers: int = 16  # gRPC handler threads (concurrent requests in flight)
     metrics_port: int | None = None  # serve Prometheus /metrics over HTTP here (0 picks a port)
+    metrics_host: str = "127.0.0.1"  # /metrics has no TLS or auth: loopback unless asked, whatever `host` is
     server_name: str = "edgeexit"
     server_version: str = "0.1.0"
 
@@ -71,6 +90,9 @@ class ServerOptions:
         for what, port in (("port", self.port), ("metrics port", self.metrics_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigError(f"{what} {port} is not a TCP port; use 0..65535 (0 picks a free one)")
+        if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
+            raise ConfigError(f"metrics host {self.metrics_host!r} is not an address; use e.g. 127.0.0.1 "
+                              "(loopback, the default) or 0.0.0.0 (every interface)")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -87,7 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def handler(self, model: str) -> ModelHandler:
         h = self.handlers.get(model)
         if h is None:
-            raise ModelNotFound(f"model {model!r} is not served here; available: {sorted(self.handlers)}")
+            raise ModelNotFound(f"model {clip(model)} is not served here; available: {sorted(self.handlers)}")
         return h
 
     @grpc_status
@@ -115,16 +137,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            decoded = request_from_pb(request)
+            try:
+                decoded = request_from_pb(request)
+            except (ValueError, OverflowError) as e:  # e.g. typed contents out of the datatype's range
+                raise InvalidTensor(f"cannot decode the request's inputs: {e}; check each input's datatype "
+                                    "and contents") from e
             response = self.handler(decoded.model).infer(decoded)
             return response_to_pb(decoded.model, decoded.id, response, decoded.outputs)
         except Exception as e:  # noqa: BLE001 - every error becomes a status; the server keeps serving
             code, message = status_for(e)
         finally:
             # Unknown model names are client-chosen strings: label them together to bound cardinality.
-            label = request.model_name if request.model_name in self.handlers else "<unknown>"
+            label = request.model_name if request.model_name in self.handlers else UNKNOWN_MODEL
             self.metrics.observe_request(label, code.name, time.perf_counter() - start)
         context.abort(code, message)
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Every RPC, taking the request as bytes (no deserializer) and parsing it in ``_parsing``."""
+        return {name: grpc.unary_unary_rpc_method_handler(
+                    self._parsing(name, request_cls), request_deserializer=None,
+                    response_serializer=response_cls.SerializeToString)
+                for name, request_cls, response_cls in RPCS}
+
+    def _parsing(self, name: str, request_cls: type[Message]) -> Callable[[bytes, grpc.ServicerContext], Any]:
+        method = getattr(self, name)
+        what = request_cls.DESCRIPTOR.name
+
+        def handle(data: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                request = request_cls.FromString(data)
+            except DecodeError:
+                request = None
+            if request is None:  # outside the except block: abort's exception carries no parse traceback
+                if name == "ModelInfer":
+                    self.metrics.observe_request(UNKNOWN_MODEL, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request is not a valid {what} protobuf; send an Open Inference Protocol v2 "
+                              f"{what} (e.g. with tritonclient.grpc)")
+            return method(request, context)
+
+        return handle
 
 
 class ServerHandle:
@@ -144,7 +196,7 @@ class ServerHandle:
     def start(self) -> ServerHandle:
         self.server.start()
         if self.options.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.host)
+            self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.metrics_host)
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -175,7 +227,9 @@ def build_server(handlers: list[ModelHandler], options: ServerOptions | None = N
                          interceptors=interceptors, options=grpc_options,
                          maximum_concurrent_rpcs=None)
     servicer = InferenceServicer(handlers, metrics or ServerMetrics(), options.server_name, options.server_version)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    rpc_handlers = servicer.method_handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, rpc_handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, rpc_handlers)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):

@@ -3,13 +3,17 @@
 Handlers raise edgeexit errors; the servicer turns them into a status here, so every RPC reports the same
 code for the same mistake and the message always says what was wrong. Anything unexpected is INTERNAL and
 logged with its traceback; the server keeps serving either way.
+
+Messages echo what the client sent (model and input names); a status travels in gRPC's trailing metadata
+(16 KiB at most), so an unbounded echo turns NOT_FOUND into RESOURCE_EXHAUSTED "Stream removed". ``clip``
+bounds one echoed string, and ``status_for`` caps every message at ``MAX_MESSAGE_BYTES``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -26,6 +30,35 @@ from edgeexit.errors import (
 )
 
 log = logging.getLogger("edgeexit.runtime.status")
+
+MAX_MESSAGE_BYTES = 1024  # a status message, UTF-8; far below gRPC's metadata limit even percent-encoded
+CLIP_CHARS = 64  # an echoed client string (a name) beyond this is shortened by ``clip``
+CLIP_ITEMS = 8  # an echoed list beyond this many items is shortened by ``clip_names``
+
+
+def clip(text: object, limit: int = CLIP_CHARS) -> str:
+    """``repr`` of a client-supplied string, shortened to ``limit`` characters with "… (N chars)"."""
+    s = str(text)
+    if len(s) <= limit:
+        return repr(s)
+    return f"{s[:limit]!r}… ({len(s)} chars)"
+
+
+def clip_names(names: Iterable[object], limit: int = CLIP_ITEMS) -> str:
+    """A client-supplied collection of names, each ``clip``ped, at most ``limit`` of them, "… (N names)"."""
+    items = list(names)
+    shown = ", ".join(clip(n) for n in items[:limit])
+    return f"[{shown}]" if len(items) <= limit else f"[{shown}, …] ({len(items)} names)"
+
+
+def cap_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to ``limit`` UTF-8 bytes (on a character boundary), saying how long it was."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    suffix = f"… (message cut; {len(data)} bytes)"
+    head = data[: limit - len(suffix.encode())].decode("utf-8", "ignore")
+    return head + suffix
 
 
 class ModelNotFound(ConfigError):
@@ -49,9 +82,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a handler's exception becomes."""
     for cls, code in _SERVER_CODES:
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__
+            return code, cap_message(str(exc) or cls.__name__)
     log.error("unexpected error while serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}: {exc}); see the server log"
+    detail = cap_message(f"{type(exc).__name__}: {exc}", MAX_MESSAGE_BYTES // 2)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({detail}); see the server log"
 
 
 def grpc_status(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="longest a request waits for others to batch with (2.0)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (16)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on, independent of --host (default 127.0.0.1): plain HTTP "
+                        "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest request/response in MiB; larger ones get RESOURCE_EXHAUSTED (64)")
     add_backend_args(p)
@@ -57,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=read_token_file(args.token_file) if args.token_file else None,
         max_message_bytes=int(args.max_message_mb * (1 << 20)), workers=args.workers,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
     server = build_server(handlers, options, metrics).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     models = ", ".join(h.name for h in handlers)
-    extra = f"; metrics on {args.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    extra = f"; metrics on {args.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log = logging.getLogger("edgeexit.serve")
     event(log, "ready", target=f"{args.host}:{server.port}", models=[h.name for h in handlers],
           metrics_port=server.metrics_port)

@@ -122,6 +122,7 @@ class AgentOptions:
     device: DeviceOptions = field(default_factory=DeviceOptions)
     listen: str = "127.0.0.1:8001"  # HOST:PORT (port 0 picks one) or unix:PATH
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics is plain HTTP without auth: loopback unless asked
     workers: int = 4
     grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
 
@@ -133,8 +134,8 @@ class AgentOptions:
     def server_options(self) -> ServerOptions:
         """The OIP server's options (for unix:PATH it also binds a private loopback port; see Agent)."""
         host, port, _ = parse_listen(self.listen)
-        return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, workers=self.workers,
-                             server_name="edgeexit-agent")
+        return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, metrics_host=self.metrics_host,
+                             workers=self.workers, server_name="edgeexit-agent")
 
 
 def parse_listen(listen: str) -> tuple[str, int, str | None]:

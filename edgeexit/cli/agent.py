@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="client certificate for mTLS to the cloud")
     p.add_argument("--tls-key", help="client key for mTLS to the cloud")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on, independent of --listen (default 127.0.0.1): plain HTTP "
+                        "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")
     p.set_defaults(func=run)
 
 
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         network=args.network, slowdown=slowdown, emulation=args.emulation,
         breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
     )
-    Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port)).serve_forever()
+    Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port,
+                                    metrics_host=args.metrics_host)).serve_forever()
     return 0
 
 

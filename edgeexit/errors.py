@@ -13,6 +13,7 @@ one place (``edgeexit.runtime.status``).
     ├── OffloadError         the cloud could not finish a request
     │   ├── LinkTimeout      the deadline passed before the answer arrived
     │   └── PeerUnavailable  the service is unreachable, refused us, or the circuit is open
+    │       └── PeerRefused  it refused our credentials (token, TLS): a config mistake, not an outage
     └── InvalidTensor        a tensor is malformed: wrong shape, dtype, byte count, NaN/inf, bad quantisation
 """
 
@@ -53,6 +54,15 @@ class LinkTimeout(OffloadError):
 
 class PeerUnavailable(OffloadError):
     """The cloud service is unreachable, refused the request, or the circuit breaker is open."""
+
+
+class PeerRefused(PeerUnavailable):
+    """The cloud refused our credentials: ``reason`` "auth" (a wrong or missing token, UNAUTHENTICATED or
+    PERMISSION_DENIED) or "tls" (the TLS handshake failed). Retrying each request cannot fix it."""
+
+    def __init__(self, message: str, reason: str = "auth"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidTensor(EdgeExitError):

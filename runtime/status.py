@@ -25,6 +25,7 @@ from edgeexit.errors import (
     InvalidTensor,
     LinkTimeout,
     OffloadError,
+    PeerRefused,
     PeerUnavailable,
     ShapeError,
 )
@@ -102,11 +103,21 @@ def grpc_status(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# grpcio reports a failed TLS handshake as UNAVAILABLE with this in the details ("Ssl handshake failed: ...").
+_TLS_FAILURE = "handshake failed"
+
+
 def error_for(code: grpc.StatusCode, message: str) -> EdgeExitError:
     """The edgeexit error a client raises for a failed RPC (the inverse mapping, for the device side)."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return LinkTimeout(f"the cloud did not answer before the deadline: {message}")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return PeerRefused(f"the cloud service refused our credentials ({code.name}): {message}; check the token "
+                           "file shared with the service", "auth")
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE in message.lower():
+        return PeerRefused(f"the TLS handshake with the cloud service failed: {message}; check --tls-ca (and the "
+                           "client certificate for mTLS)", "tls")
+    if code == grpc.StatusCode.UNAVAILABLE:
         return PeerUnavailable(f"the cloud service is unavailable or refused us ({code.name}): {message}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidTensor(f"the cloud rejected the tensor: {message}")

@@ -7,6 +7,14 @@ Layout and naming (everything downstream relies on it):
   split ``s`` runs segments ``0..s`` and the cloud runs the tail ``s+1..`` (model name ``<model>@<s>``);
 - shapes use the string ``"batch"`` for the dynamic batch axis.
 
+Loading trusts nothing in the bundle: ``edgeexit.manifest_schema`` checks every field of the manifest, and
+no file is opened unless its path stays inside the bundle (symlinks followed) and is a regular file.
+
+Identity: ``Manifest.model_digest()`` (``Bundle.digest``) is a sha256 over what decides the model's answers
+(name, input spec and normalisation, per segment its files' sha256, inputs, outputs and exits, split point
+tensors and int8 quantisation), not over calibration, statistics or latency profiles: re-calibrating or
+re-profiling a bundle keeps its digest, a changed segment file changes it.
+
 This module is torch-free: the device loads bundles too.
 """
 
@@ -14,15 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeexit import manifest_schema as mschema
 from edgeexit.errors import BundleError
+from edgeexit.manifest_schema import BATCH, MANIFEST
 
 SCHEMA = "edgeexit.bundle/1"
-MANIFEST = "manifest.json"
-BATCH = "batch"
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is tens of KB; refuse to read a huge one into memory
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}
 
 
@@ -111,6 +121,7 @@ class Manifest:
                 f"unknown bundle schema {found!r} (this edgeexit reads {SCHEMA!r}); "
                 "re-export the model with this version of edgeexit"
             )
+        mschema.check_manifest_dict(d)  # every field's type and range: what follows cannot fail on them
         try:
             inp = InputSpec(**d["input"])
             segments = [
@@ -139,25 +150,31 @@ class Manifest:
                 name=d["name"], input=inp, segments=segments, split_points=splits, exits=exits,
                 policy=d.get("policy"), profiles=d.get("profiles", {}), export=d.get("export", {}),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # unreachable after the schema check
             raise BundleError(f"manifest.json is malformed ({e!r}); re-export the bundle") from e
 
     def check(self) -> None:
-        """Structural invariants: chained names, exit ownership, split points. Raises BundleError."""
-        if not self.segments or not self.exits:
-            raise BundleError("manifest lists no segments or no exits; re-export the bundle")
-        for k, seg in enumerate(self.segments):
-            want_in = self.input.name if k == 0 else f"boundary{k - 1}"
-            if seg.index != k or [t.name for t in seg.inputs] != [want_in]:
-                raise BundleError(f"segment {k} must read only {want_in!r}; the manifest is inconsistent")
-            want_out = ([f"boundary{k}"] if k < len(self.segments) - 1 else []) + [f"exit{j}" for j in seg.exits]
-            if [t.name for t in seg.outputs] != want_out:
-                raise BundleError(f"segment {k} outputs {[t.name for t in seg.outputs]}, expected {want_out}")
-        owned = [j for s in self.segments for j in s.exits]
-        if owned != list(range(len(self.exits))) or [e.index for e in self.exits] != owned:
-            raise BundleError(f"exit heads {owned} are not 0..{len(self.exits) - 1} in order")
-        if [p.index for p in self.split_points] != list(range(len(self.segments) - 1)):
-            raise BundleError("split points must be 0..len(segments)-2, one after each segment but the last")
+        """Structural invariants: chained names and shapes, exit ownership, split points, one file per entry.
+        Raises BundleError."""
+        mschema.check_consistency(self)
+
+    def model_digest(self) -> str:
+        """sha256 hex over what decides the segments' answers; calibration and profiles are left out, so
+        re-calibrating or re-profiling keeps it (see the module docstring)."""
+
+        def tensor(t: TensorSpec) -> dict[str, Any]:
+            return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+
+        identity = {
+            "schema": self.schema, "name": self.name,
+            "input": {**tensor(self.input), "normalization": self.input.normalization},
+            "segments": [{"files": {fmt: e.sha256 for fmt, e in s.files.items()},
+                          "inputs": [tensor(t) for t in s.inputs], "outputs": [tensor(t) for t in s.outputs],
+                          "exits": list(s.exits)} for s in self.segments],
+            "split_points": [{"tensor": tensor(p.tensor), "quantization": p.quantization} for p in self.split_points],
+        }
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -189,11 +206,16 @@ class Bundle:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{root} has no {MANIFEST}: not an edgeexit bundle, or a partial copy; re-export it")
+        inside(root, MANIFEST, MANIFEST)
         try:
-            data = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is corrupted, re-export it") from e
-        manifest = Manifest.from_dict(data)
+            with open(mpath, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
+            raise BundleError(f"cannot read {mpath} ({e.strerror}); check its permissions") from e
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest edgeexit "
+                              "wrote; the bundle is corrupt or hostile, re-export it")
+        manifest = Manifest.from_dict(mschema.parse_manifest(raw))
         manifest.check()
         bundle = cls(root, manifest)
         if verify:
@@ -201,14 +223,17 @@ class Bundle:
         return bundle
 
     def verify(self, formats: list[str] | None = None) -> None:
-        """Check that every listed file exists and matches its sha256."""
+        """Check that every listed file is inside the bundle, distinct, exists and matches its sha256."""
+        seen: dict[Path, str] = {}
         for seg in self.manifest.segments:
             for fmt, entry in seg.files.items():
                 if formats is not None and fmt not in formats:
                     continue
-                p = self.root / entry.path
-                if not p.is_file():
-                    raise BundleError(f"segment {seg.index} ({fmt}) file {entry.path} is missing; re-export the bundle")
+                p = self.file_path(seg.index, fmt)
+                if p in seen:  # e.g. two names linked to one file: a segment would run another's graph
+                    raise BundleError(f"segment {seg.index} ({fmt}) file {entry.path} is the same file as "
+                                      f"{seen[p]}; the bundle is corrupt or hostile, re-export it")
+                seen[p] = f"segment {seg.index} ({fmt}) file {entry.path}"
                 if sha256_file(p) != entry.sha256:
                     raise BundleError(
                         f"segment {seg.index} ({fmt}) file {entry.path} fails its sha256 check: "
@@ -232,11 +257,44 @@ class Bundle:
                 f"segment {k} has no {fmt!r} file (has {sorted(seg.files)}); "
                 f"export with `--formats {fmt}` to add it"
             )
-        return self.root / seg.files[fmt].path
+        return self.file_path(k, fmt)
+
+    def file_path(self, k: int, fmt: str) -> Path:
+        """The resolved path of segment ``k``'s ``fmt`` file, refused (BundleError) unless it is a regular file
+        inside the bundle: checked before anything opens it, since the manifest may be hostile."""
+        entry = self.manifest.segments[k].files[fmt]
+        what = f"segment {k} ({fmt}) file {entry.path!r}"
+        p = inside(self.root, entry.path, what)
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            raise BundleError(f"{what} is missing; re-export the bundle") from None
+        if not stat.S_ISREG(mode):  # a FIFO or device would hang or stream forever when read
+            raise BundleError(f"{what} is not a regular file; the bundle is corrupt or hostile, re-export it")
+        return p
+
+    @property
+    def digest(self) -> str:
+        """The model's identity (``Manifest.model_digest``): equal digests answer alike."""
+        return self.manifest.model_digest()
 
     def save(self) -> None:
         """Write the manifest back (after calibrate/profile); atomically, so a crash never leaves half a file."""
         write_manifest(self.root, self.manifest)
+
+
+def inside(root: Path, relpath: str, what: str) -> Path:
+    """``root / relpath`` resolved (symlinks followed), or BundleError if that leaves the bundle."""
+    mschema.check_path(relpath, what)
+    base = Path(root).resolve()
+    try:
+        p = (base / relpath).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise BundleError(f"{what} cannot be resolved ({e}); the bundle is corrupt or hostile, re-export it") from e
+    if not p.is_relative_to(base):
+        raise BundleError(f"{what} resolves outside the bundle (a symlink, or a path out of it): refused "
+                          "before opening it; the bundle is corrupt or hostile, re-export it")
+    return p
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

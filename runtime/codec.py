@@ -10,6 +10,8 @@ raises InvalidTensor.
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,15 @@ _PIXEL_SNAP = 1e-3
 P_SCALE = "edgeexit.scale"
 P_ZERO = "edgeexit.zero_point"
 P_COMPRESSION = "edgeexit.compression"
+# The largest tensor decode() produces by default (bytes in the wire dtype, after decompression): the servers'
+# default message limit. Servers pass their own (--max-message-mb), so zstd cannot slip past it.
+MAX_DECODED_BYTES = 64 << 20
+MAX_RANK = 32  # numpy's limit is 64; no model here needs more than a handful
+# An int8 scale s maps q - zp (at most 255 in size) to (q - zp) * s: above float32's max / 255 that overflows.
+_MAX_SCALE = float(np.finfo(np.float32).max) / 255.0
+_MIN_SCALE = float(np.finfo(np.float32).tiny)  # smallest normal float32; below it the values vanish
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_ZSTD_WINDOW = 8 << 20  # what a streaming decoder may allocate for a frame's history (zstd level 19: 8 MiB)
 
 
 @dataclass
@@ -112,49 +123,131 @@ def encode_input(x: np.ndarray, fallback: str = "fp32", compress: bool = False) 
 
 
 def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str | float | int] | None = None,
-           ) -> np.ndarray:
-    """Decode wire bytes back to float32, validating dtype, byte count, quantisation and finiteness."""
+           max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
+    """Decode wire bytes back to float32, validating dtype, shape, size, quantisation and finiteness.
+
+    Sizes come from the declared shape with Python ints (never an int64 product that can wrap) and are refused
+    above ``max_bytes`` (the server's message limit) before anything is decompressed or allocated.
+    """
     params = params or {}
     if datatype not in NUMPY:
         raise InvalidTensor(f"datatype {datatype!r} is not a boundary encoding; send one of {sorted(NUMPY)} "
                             f"({PIXELS} only as the whole model's raw input)")
-    if any(int(d) < 0 for d in shape):
-        raise InvalidTensor(f"shape {list(shape)} has a negative dimension")
+    dims = check_shape(shape)
     dtype = NUMPY[datatype]
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = tensor_bytes(dims, np.dtype(dtype).itemsize)
+    if expected > max_bytes:
+        size = f"{expected}" if expected < 10**15 else "more than 10**15"
+        raise InvalidTensor(f"{datatype} tensor of shape {dims} would take {size} bytes; this server decodes "
+                            f"at most {max_bytes} bytes per tensor (--max-message-mb): send fewer rows per request")
     compression = params.get(P_COMPRESSION)
     if compression not in (None, "", "zstd"):
-        raise InvalidTensor(f"unknown compression {compression!r}; only 'zstd' is supported")
+        raise InvalidTensor(f"unknown compression {str(compression)[:40]!r}; only 'zstd' is supported")
+    quant = _int8_params(params) if datatype == "INT8" else None  # refuse bad parameters before any work
     if compression == "zstd":
-        import zstandard
-
-        try:
-            # max_output_size bounds a decompression bomb to the size the shape promises, but only for frames
-            # without a declared content size: zstandard trusts (and allocates) a declared size, so check it.
-            declared = zstandard.frame_content_size(data)
-            if declared > expected:
-                raise InvalidTensor(f"zstd payload declares {declared} bytes but the shape allows {expected}")
-            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
-        except zstandard.ZstdError as e:
-            raise InvalidTensor(f"zstd payload does not decompress to {expected} bytes: {e}") from e
+        data = _zstd_decompress(data, expected)
     if len(data) != expected:
-        raise InvalidTensor(
-            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes but {len(data)} arrived"
-        )
-    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
-    if datatype == "INT8":
-        if P_SCALE not in params or P_ZERO not in params:
-            raise InvalidTensor(f"INT8 tensor without {P_SCALE!r} and {P_ZERO!r} request parameters")
-        scale, zero = float(params[P_SCALE]), float(params[P_ZERO])
-        if not np.isfinite(scale) or scale <= 0:
-            raise InvalidTensor(f"{P_SCALE} must be a positive finite number, got {scale}")
-        return ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+        raise InvalidTensor(f"{datatype} tensor of shape {dims} needs {expected} bytes but {len(data)} arrived")
+    arr = np.frombuffer(data, dtype=dtype).reshape(dims)
+    if quant is not None:
+        scale, zero = quant
+        return ((arr.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float32)
     if datatype == PIXELS:
         return arr.astype(np.float32) / _PIXEL_LEVELS  # float32 division: exactly the float32 of k/255
     out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         raise InvalidTensor("tensor contains NaN or inf; check the device side's computation")
     return out
+
+
+def check_shape(shape: list[int]) -> list[int]:
+    """``shape`` as a list of Python ints, refusing non-integers, negative dimensions and absurd ranks."""
+    try:
+        dims = [operator.index(d) for d in shape]
+    except TypeError:
+        raise InvalidTensor(f"shape {str(list(shape))[:80]} must be a list of integers") from None
+    if len(dims) > MAX_RANK:
+        raise InvalidTensor(f"shape has {len(dims)} dimensions; at most {MAX_RANK} are supported")
+    if any(d < 0 for d in dims):
+        raise InvalidTensor(f"shape {dims} has a negative dimension")
+    return dims
+
+
+def tensor_bytes(dims: list[int], itemsize: int) -> int:
+    """Bytes of a tensor of shape ``dims``: a Python int, exact however large (np.prod would wrap at 2**63)."""
+    return math.prod(dims) * itemsize
+
+
+def _int8_params(params: dict[str, str | float | int]) -> tuple[float, int]:
+    """(scale, zero point) of an INT8 tensor, refusing types and ranges that could give non-finite values."""
+    if P_SCALE not in params or P_ZERO not in params:
+        raise InvalidTensor(f"INT8 tensor without {P_SCALE!r} and {P_ZERO!r} request parameters")
+    scale, zero = params[P_SCALE], params[P_ZERO]
+    # bool is an int in Python, and a string is a client's mistake: neither is silently converted.
+    if isinstance(scale, bool) or not isinstance(scale, int | float | np.integer | np.floating):
+        raise InvalidTensor(f"cannot decode with the given parameters: {P_SCALE} must be a number (a double, or an "
+                            f"int64 for clients without doubles), not {type(scale).__name__}")
+    if not _MIN_SCALE <= scale <= _MAX_SCALE:  # also false for NaN
+        raise InvalidTensor(f"{P_SCALE} must be a positive finite number in [{_MIN_SCALE:.3g}, {_MAX_SCALE:.3g}] "
+                            f"(larger overflows float32), got {scale!r:.40}")
+    if isinstance(zero, bool) or not isinstance(zero, int | np.integer):
+        raise InvalidTensor(f"cannot decode with the given parameters: {P_ZERO} must be an int64 in [-128, 127], "
+                            f"not {type(zero).__name__}")
+    if not -128 <= zero <= 127:
+        raise InvalidTensor(f"{P_ZERO} must be an int in [-128, 127], got {int(zero)}")
+    return float(scale), int(zero)
+
+
+def _zstd_decompress(data: bytes, expected: int) -> bytes:
+    """Exactly one zstd frame, no trailing bytes, decompressed to at most ``expected`` bytes."""
+    import zstandard
+
+    _check_one_frame(data, expected)
+    try:
+        declared = zstandard.frame_content_size(data)
+        # zstandard trusts (and allocates) a declared size, so it must be the one the shape promises; a frame
+        # without one gets an output buffer of exactly `expected` bytes and fails if it would write more.
+        if declared not in (-1, expected):
+            raise InvalidTensor(f"zstd frame declares {declared} bytes but the shape needs {expected}")
+        window = max(_MAX_ZSTD_WINDOW, expected)  # streaming decoders allocate the window the frame asks for
+        return zstandard.ZstdDecompressor(max_window_size=window).decompress(data, max_output_size=max(expected, 1))
+    except zstandard.ZstdError as e:
+        raise InvalidTensor(f"zstd payload does not decompress to {expected} bytes: {e}") from e
+
+
+def _check_one_frame(data: bytes, expected: int) -> None:
+    """Walk the frame's block headers (RFC 8878 3.1.1): one zstd frame that ends exactly where ``data`` ends.
+
+    zstandard ignores whatever follows the first frame (more frames, junk), so this is where it is refused.
+    The walk costs a few operations per block; more blocks than a tensor of ``expected`` bytes needs is refused.
+    """
+    import zstandard
+
+    if len(data) < 9 or data[:4] != _ZSTD_MAGIC:
+        raise InvalidTensor("edgeexit.compression is 'zstd' but the payload is not a zstd frame")
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError as e:
+        raise InvalidTensor(f"zstd frame header is invalid: {e}") from e
+    checksum = 4 if data[4] & 0x04 else 0  # Content_Checksum_flag of the frame header descriptor
+    max_blocks = 16 + expected // 1024  # one-shot compression writes one block per 128 KiB
+    for _ in range(max_blocks):
+        if pos + 3 > len(data):
+            raise InvalidTensor("zstd frame is truncated; send the whole frame")
+        header = int.from_bytes(data[pos:pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise InvalidTensor("zstd frame has a reserved block type; the payload is corrupt")
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores one byte, repeated `size` times
+        if last:
+            break
+    else:
+        raise InvalidTensor(f"zstd frame has more than {max_blocks} blocks for {expected} bytes; compress the "
+                            "tensor in one call")
+    end = pos + checksum
+    if end != len(data):
+        what = "is truncated" if end > len(data) else f"is followed by {len(data) - end} more bytes"
+        raise InvalidTensor(f"zstd payload {what}; send exactly one zstd frame")
 
 
 def encoded_bytes(elements: int, encoding: str) -> int:

@@ -3,35 +3,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from edgeexit.bundle import BATCH
 from edgeexit.errors import InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.oip_messages import InferRequest
 
 
-def decode_input(request: InferRequest, model: str, name: str, datatypes: Collection[str] | None = None,
-                 ) -> np.ndarray:
+def decode_input(request: InferRequest, model: str, name: str, datatypes: Collection[str] | None = None, *,
+                 shape: Sequence[int | str] | None = None, max_rows: int | None = None,
+                 max_bytes: int = codec.MAX_DECODED_BYTES) -> np.ndarray:
     """The request's only input, which must be called ``name``, as a non-empty float32 batch.
 
     How to read the bytes (int8 scale and zero point, compression) may come as request parameters or as
     parameters of the tensor itself, as Triton and KServe clients send them; the tensor's win. ``datatypes``
-    limits what a model accepts (None: whatever the codec decodes). Raises InvalidTensor saying what to send.
+    limits what a model accepts (None: whatever the codec decodes). ``shape`` (the model's, with ``BATCH`` for the
+    rows), ``max_rows`` and ``max_bytes`` are checked on the declared shape before anything is decompressed or
+    allocated. Raises InvalidTensor saying what to send.
     """
     if len(request.inputs) != 1:
-        raise InvalidTensor(f"{model} takes exactly one input {name!r}, got {sorted(request.inputs) or 'none'}")
+        names = sorted(request.inputs)
+        got = "none" if not names else f"{len(names)}: {str(names[:5])[:200]}"
+        raise InvalidTensor(f"{model} takes exactly one input {name!r}, got {got}")
     (got, t), = request.inputs.items()
     if got != name:
-        raise InvalidTensor(f"{model} takes input {name!r}, not {got!r}")
+        raise InvalidTensor(f"{model} takes input {name!r}, not {got[:100]!r}")
     if datatypes is not None and t.datatype not in datatypes:
-        raise InvalidTensor(f"{model}: send input {name!r} as {' or '.join(datatypes)}, not {t.datatype}")
+        raise InvalidTensor(f"{model}: send input {name!r} as {' or '.join(datatypes)}, not {t.datatype[:20]}")
+    dims = codec.check_shape(t.shape)
+    if shape is not None:
+        check_declared_shape(dims, shape, name)
+    if max_rows is not None and dims and dims[0] > max_rows:
+        raise InvalidTensor(f"{name}: {dims[0]} rows in one request, but this server takes at most {max_rows} "
+                            f"(--max-batch-rows); split the batch into several requests")
     try:
-        x = codec.decode(t.data, t.datatype, t.shape, {**request.params, **t.params})
+        x = codec.decode(t.data, t.datatype, dims, {**request.params, **t.params}, max_bytes=max_bytes)
     except (ValueError, TypeError) as e:  # e.g. a scale or zero point that is not a number
         raise InvalidTensor(f"{name}: cannot decode with the given parameters ({e}); check {codec.P_SCALE}, "
                             f"{codec.P_ZERO} and {codec.P_COMPRESSION}") from e
     if x.ndim > 0 and x.shape[0] == 0:  # a wrong rank is the caller's shape check to report
         raise InvalidTensor(f"{name}: the batch is empty; send at least one row")
     return x
+
+
+def check_declared_shape(dims: Sequence[int], want: Sequence[int | str], name: str) -> None:
+    """Refuse a declared shape that is not ``want`` (``BATCH`` matching any row count), before decoding."""
+    ok = len(dims) == len(want) and all(w == BATCH or int(w) == d for w, d in zip(want, dims, strict=True))
+    if not ok:
+        raise InvalidTensor(f"{name}: shape {list(dims)} but the bundle expects {list(want)} ('batch' is any size)")

@@ -6,11 +6,13 @@ handler's ``InferResponse`` back. The client uses the same conversions for param
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgeexit.errors import InvalidTensor
+from edgeexit.runtime import codec
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
 
 ParamValue = bool | int | float | str
@@ -29,6 +31,14 @@ _CONTENTS_FIELD = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
 
+
+# ModelMetadata parameter: the most rows one request may carry (`edgeexit serve --max-batch-rows`).
+P_MAX_BATCH_ROWS = "edgeexit.max_batch_rows"
+# MLServer's OIP dialect (dataplane.proto) adds `map<string, InferParameter> parameters = 6` to
+# ModelMetadataResponse. Triton's and KServe's messages stop at field 5, and our descriptor must match theirs field
+# for field (tests/test_proto.py), so the map entries are written as protobuf unknown fields: Triton/KServe clients
+# skip them, MLServer-dialect clients read them as `parameters`, and metadata_params_from_pb reads them here.
+_METADATA_PARAMS_FIELD = 6
 
 # Response parameters with the server's own time for a request, int64 microseconds (KServe's InferParameter
 # has no double): queue = arrival at the model until its batch starts running; compute = the batch's run time.
@@ -73,6 +83,9 @@ class ModelMetadata:
     outputs: list[TensorMeta]
     platform: str = "edgeexit"
     versions: list[str] = field(default_factory=lambda: ["1"])
+    # Model-level facts such as the row limit (P_MAX_BATCH_ROWS). The OIP/Triton ModelMetadataResponse has no
+    # field for them; they travel in MLServer's extension field (see metadata_to_pb).
+    params: dict[str, ParamValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,7 +140,18 @@ def _typed_contents_bytes(t: pb.ModelInferRequest.InferInputTensor) -> bytes:
     if name is None or t.datatype not in DATATYPE_NUMPY:
         raise InvalidTensor(f"input {t.name!r}: {t.datatype} data must travel as raw_input_contents")
     values = getattr(t.contents, name)
-    return np.asarray(values, dtype=DATATYPE_NUMPY[t.datatype]).tobytes()
+    dims = codec.check_shape(list(t.shape))
+    if len(values) != math.prod(dims):  # Python ints: a huge shape cannot wrap around to match
+        raise InvalidTensor(f"input {t.name!r}: shape {dims} needs {math.prod(dims)} values in {name}, "
+                            f"got {len(values)}")
+    dtype = np.dtype(DATATYPE_NUMPY[t.datatype])
+    if dtype.kind in "iu" and dtype.itemsize < 4:  # int_contents/uint_contents carry 32-bit values
+        wide = np.asarray(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidTensor(f"input {t.name!r}: {t.datatype} values must lie in [{info.min}, {info.max}]")
+        return wide.astype(dtype).tobytes()
+    return np.asarray(values, dtype=dtype).tobytes()
 
 
 def request_from_pb(req: pb.ModelInferRequest) -> InferRequest:
@@ -174,8 +198,8 @@ def outputs_from_pb(resp: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         dtype = DATATYPE_NUMPY.get(t.datatype)
         if dtype is None:
             raise InvalidTensor(f"output {t.name!r} has datatype {t.datatype}, which edgeexit cannot read")
-        shape = [int(d) for d in t.shape]
-        if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize != len(data):
+        shape = codec.check_shape(list(t.shape))
+        if codec.tensor_bytes(shape, np.dtype(dtype).itemsize) != len(data):  # Python ints: no int64 wrap
             raise InvalidTensor(f"output {t.name!r}: {len(data)} bytes do not fit shape {shape} of {t.datatype}")
         result[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
     return result
@@ -187,4 +211,33 @@ def metadata_to_pb(meta: ModelMetadata) -> pb.ModelMetadataResponse:
         out.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
     for t in meta.outputs:
         out.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    if meta.params:  # as unknown field 6 (see _METADATA_PARAMS_FIELD): serialised with the message, kept on parse
+        entries = pb.ModelInferRequest()  # any message with a parameters map: the entry layout is the same
+        params_to_pb(meta.params, entries.parameters)
+        out.MergeFromString(b"".join(_length_delimited(_METADATA_PARAMS_FIELD, pb.ModelInferRequest.ParametersEntry(
+            key=k, value=v).SerializeToString()) for k, v in entries.parameters.items()))
     return out
+
+
+def metadata_params_from_pb(resp: pb.ModelMetadataResponse) -> dict[str, ParamValue]:
+    """The parameters of a ModelMetadataResponse (MLServer's field 6), e.g. P_MAX_BATCH_ROWS; {} when absent."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    result: dict[str, ParamValue] = {}
+    for f in UnknownFieldSet(resp):
+        if f.field_number == _METADATA_PARAMS_FIELD and isinstance(f.data, bytes):
+            entry = pb.ModelInferRequest.ParametersEntry.FromString(f.data)
+            if (v := param_value(entry.value)) is not None:
+                result[entry.key] = v
+    return result
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    """One protobuf field of wire type 2 (tag, varint length, bytes)."""
+    out = bytearray()
+    for v in ((number << 3) | 2, len(payload)):
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out) + payload

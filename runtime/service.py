@@ -8,6 +8,18 @@ parameters in the request or on the tensor) and returns the exits of segments ``
 ModelMetadata lists one datatype per input (the protocol has room for one): FP32, which every client can send;
 UINT8 on ``<model>`` is the documented alternative.
 
+Bounds, checked on the declared shape before anything is decompressed or allocated: at most
+``max_batch_rows`` rows per request (``--max-batch-rows``, 256) and at most ``max_message_bytes`` bytes per
+decoded tensor (``--max-message-mb``, the same limit gRPC applies to the message, so zstd cannot slip past it).
+Where the row limit shows: the input's batch axis stays -1 in ModelMetadata (Triton does the same and keeps
+``max_batch_size`` in its ModelConfig extension, which OIP lacks), and the limit travels as the int64 parameter
+``edgeexit.max_batch_rows`` in MLServer's ModelMetadataResponse ``parameters`` extension (field 6; Triton and
+KServe clients skip it; ``oip_messages.metadata_params_from_pb`` reads it). The refusal names it too.
+
+Answers are finite or refused: an input that drives the model to NaN/inf (e.g. FP32 values near +-3e38) gets
+INVALID_ARGUMENT, as the device agent refuses it (its exit policy refuses non-finite logits). Raw pixels are not
+range-checked beyond that, again like the agent, so the device and the cloud accept the same inputs.
+
 Every response carries the server's own time as int64 microsecond parameters: ``edgeexit.queue_us`` (from the
 handler receiving the request, its tensor decoding included, until its batch starts running) and
 ``edgeexit.compute_us`` (that batch's run time, shared by every request batched with it), so the device can
@@ -23,12 +35,19 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.bundle import BATCH, Bundle, TensorSpec
-from edgeexit.errors import InvalidTensor
+from edgeexit.errors import ConfigError, InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
 from edgeexit.runtime.metrics import ServerMetrics
 from edgeexit.runtime.oip_input import decode_input
-from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, ServerTiming, TensorMeta
+from edgeexit.runtime.oip_messages import (
+    P_MAX_BATCH_ROWS,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ServerTiming,
+    TensorMeta,
+)
 from edgeexit.runtime.runner import SegmentRunner, check_tensor
 
 
@@ -38,6 +57,14 @@ class ServiceOptions:
     threads: int = 1  # intra-op threads per segment session
     batching: BatchOptions = field(default_factory=BatchOptions)
     fmt: str | None = None  # exported variant, e.g. "tflite-int8-static"; None = the backend's fp32 format
+    max_batch_rows: int = 256  # rows one request may carry (--max-batch-rows)
+    max_message_bytes: int = codec.MAX_DECODED_BYTES  # largest decoded tensor: the server's --max-message-mb
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 1:
+            raise ConfigError("--max-batch-rows must be at least 1")
+        if self.max_message_bytes < 1:
+            raise ConfigError("--max-message-mb must be positive")
 
 
 def _us(seconds: float) -> int:
@@ -58,6 +85,7 @@ class TailHandler:
         self.name = m.name if start == 0 else f"{m.name}@{start - 1}"
         self.input_spec: TensorSpec = m.input if start == 0 else m.split_points[start - 1].tensor
         self.exits = [j for seg in m.segments[start:] for j in seg.exits]
+        self.max_rows, self.max_bytes = options.max_batch_rows, options.max_message_bytes
         on_batch = (lambda n: metrics.observe_batch(self.name, n)) if metrics else None
         self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name)
 
@@ -66,7 +94,8 @@ class TailHandler:
         inputs = [TensorMeta(self.input_spec.name, datatype, _meta_shape(self.input_spec.shape))]
         specs = {t.name: t for seg in self.runner.manifest.segments for t in seg.outputs}
         outputs = [TensorMeta(f"exit{j}", "FP32", _meta_shape(specs[f"exit{j}"].shape)) for j in self.exits]
-        return ModelMetadata(self.name, inputs, outputs, platform=f"edgeexit_{self.runner.backend}")
+        return ModelMetadata(self.name, inputs, outputs, platform=f"edgeexit_{self.runner.backend}",
+                             params={P_MAX_BATCH_ROWS: self.max_rows})
 
     def ready(self) -> bool:
         return True
@@ -77,13 +106,18 @@ class TailHandler:
         if t is not None and t.datatype == codec.PIXELS and self.start != 0:
             raise InvalidTensor(f"{self.name}: {codec.PIXELS} is only for raw pixels sent to "
                                 f"{self.runner.manifest.name!r}; send the boundary tensor as FP32, FP16 or INT8")
-        x = decode_input(request, self.name, self.input_spec.name)
+        x = decode_input(request, self.name, self.input_spec.name, shape=self.input_spec.shape,
+                         max_rows=self.max_rows, max_bytes=self.max_bytes)
         check_tensor(x, self.input_spec)
         return x
 
     def infer(self, request: InferRequest) -> InferResponse:
         arrived = time.perf_counter()
         done = self.batcher.submit(self.decode(request))
+        for name, out in done.outputs.items():  # this request's rows only: a batch-mate's input is not its fault
+            if not np.isfinite(out).all():
+                raise InvalidTensor(f"{self.name}: the input drives the model to non-finite outputs ({name} has "
+                                    f"NaN or inf); check the input range")
         timing = ServerTiming(queue_us=_us(done.started - arrived), compute_us=_us(done.run_s))
         return InferResponse(done.outputs, timing.params())
 

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows per dynamic batch; 1 = off (16)")
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0,
                    help="longest a request waits for others to batch with (2.0)")
+    p.add_argument("--max-batch-rows", type=int, default=256,
+                   help="most rows one request may carry; more get INVALID_ARGUMENT before decoding, and "
+                        "ModelMetadata shows it as parameter edgeexit.max_batch_rows (256)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (16)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -55,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")
     batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms)
     metrics = ServerMetrics()
-    handlers = build_handlers(args.bundle, ServiceOptions(args.backend, args.threads, batching, args.fmt), metrics)
+    max_bytes = int(args.max_message_mb * (1 << 20))  # also bounds every decoded (decompressed) tensor
+    service = ServiceOptions(args.backend, args.threads, batching, args.fmt, args.max_batch_rows, max_bytes)
+    handlers = build_handlers(args.bundle, service, metrics)
     options = ServerOptions(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=read_token_file(args.token_file) if args.token_file else None,
-        max_message_bytes=int(args.max_message_mb * (1 << 20)), workers=args.workers,
+        max_message_bytes=max_bytes, workers=args.workers,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
     server = build_server(handlers, options, metrics).start()

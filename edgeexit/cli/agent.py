@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--breaker-failures", type=int, default=3,
                    help="consecutive offload failures that open the circuit (default 3)")
     p.add_argument("--breaker-cooldown-s", type=float, default=5.0,
-                   help="seconds the circuit stays open before one probe (default 5)")
+                   help="while the circuit is open the agent checks the cloud's health in the background (no user "
+                        "request is sent) and closes it as soon as a check passes: every 0.25 s doubling to 1 s "
+                        "while unreachable; while the cloud refuses our token/TLS, from 1 s doubling to this many "
+                        "seconds (default 5)")
     p.add_argument("--token-file", help="file holding the bearer token the cloud service requires")
     p.add_argument("--tls-ca", help="PEM CA of the cloud service's certificate (enables TLS to the cloud)")
     p.add_argument("--tls-cert", help="client certificate for mTLS to the cloud")

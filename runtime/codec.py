@@ -223,8 +223,10 @@ def _check_one_frame(data: bytes, expected: int) -> None:
     """
     import zstandard
 
-    if len(data) < 9 or data[:4] != _ZSTD_MAGIC:
+    if data[:4] != _ZSTD_MAGIC:
         raise InvalidTensor("edgeexit.compression is 'zstd' but the payload is not a zstd frame")
+    if len(data) < 9:  # magic, header descriptor, at least a window or size byte, one block header
+        raise InvalidTensor("zstd frame is truncated; send the whole frame")
     try:
         pos = zstandard.frame_header_size(data)
     except zstandard.ZstdError as e:

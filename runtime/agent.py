@@ -14,6 +14,15 @@ Response parameters add the batch's latency breakdown as int64 microseconds (``e
 fallback, circuit, probe, stop) go through stdlib logging; `edgeexit agent` writes them, like every other record,
 as one JSON object per line on stderr (edgeexit.logs). Prometheus metrics share the server's registry.
 Never imports torch.
+
+Readiness when the cloud is not usable: the agent still answers every request on the device, so ServerReady and
+ModelReady stay true. What the cloud does shows in (1) gRPC health: service ``edgeexit.cloud`` is SERVING while
+offloads work, NOT_SERVING while the cloud is unreachable or refuses our token/TLS, UNKNOWN until the first
+check (absent when the agent runs device-only); (2) one WARNING line per change (``cloud_refused`` with reason
+auth|tls, ``cloud_unreachable``, ``cloud_ok``; see runtime/cloud_health.py); (3) metrics:
+``edgeexit_agent_cloud_errors_total{reason}`` counts every failed cloud call, offloads and background checks
+(reason auth, tls, unavailable, timeout, error) and ``edgeexit_agent_cloud_status`` is 1 ok, 0 unknown,
+-1 unreachable, -2 refused.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from grpc_health.v1 import health_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
 from edgeexit.errors import ConfigError
@@ -39,6 +49,10 @@ from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMeta
 from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_server
 
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+CLOUD_HEALTH_SERVICE = "edgeexit.cloud"  # gRPC health service name whose status is the cloud's
+CLOUD_STATUS = {"ok": 1, "unknown": 0, "unreachable": -1, "refused": -2}
+# The device runtime logs these itself (WARNING, once per change); the agent only turns them into health/metrics.
+CLOUD_EVENTS = {"cloud_ok": "ok", "cloud_unreachable": "unreachable", "cloud_refused": "refused"}
 INPUT_DATATYPES = ("FP32", "FP16")  # raw [0, 1] pixels
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,10 @@ class AgentMetrics:
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.circuit = Gauge("edgeexit_agent_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                              registry=registry)
+        self.cloud_errors = Counter("edgeexit_agent_cloud_errors", "Failed cloud calls (offloads and health checks) "
+                                    "by reason: auth, tls, unavailable, timeout, error", ["reason"], registry=registry)
+        self.cloud_status = Gauge("edgeexit_agent_cloud_status", "The cloud: 1 ok, 0 unknown, -1 unreachable, "
+                                  "-2 refused our credentials", registry=registry)
 
 
 class AgentHandler:
@@ -159,6 +177,10 @@ class Agent:
         self.options = options
         event(log, "start", bundle=str(bundle), split=str(options.device.split), cloud=options.device.cloud,
               encoding=options.device.encoding, on_failure=options.device.on_failure)
+        # Events come from request and health-check threads, from the runtime's start-up check on: those before
+        # the metrics exist wait in _early.
+        self._sync = threading.RLock()
+        self._early: list[tuple[str, dict[str, Any]]] = []
         self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
         self.handler = AgentHandler(self.runtime)
         self.unix_path = parse_listen(options.listen)[2]
@@ -168,7 +190,12 @@ class Agent:
             Path(self.unix_path).unlink(missing_ok=True)
             if not self.handle.server.add_insecure_port(f"unix:{self.unix_path}"):
                 raise ConfigError(f"cannot listen on unix:{self.unix_path}; check the directory exists")
-        self.metrics = AgentMetrics(self.handle.metrics.registry)
+        with self._sync:
+            self.metrics = AgentMetrics(self.handle.metrics.registry)
+            self._cloud_changed("unknown")
+            for name, fields in self._early:
+                self._record(name, fields)
+            self._early.clear()
         self.handler.metrics = self.metrics
         self._stop = threading.Event()
 
@@ -200,11 +227,29 @@ class Agent:
         self.stop()
 
     def _on_event(self, name: str, fields: dict[str, Any]) -> None:
-        event(log, name, **fields)
-        metrics = getattr(self, "metrics", None)
-        if metrics is None:
-            return
+        if name != "cloud_error" and name not in CLOUD_EVENTS:  # those are counted / logged by the runtime
+            event(log, name, **fields)
+        with self._sync:
+            if getattr(self, "metrics", None) is None:
+                self._early.append((name, fields))
+            else:
+                self._record(name, fields)
+
+    def _record(self, name: str, fields: dict[str, Any]) -> None:
+        """One event into the metrics and the cloud's health status (with _sync held)."""
         if name == "fallback":
-            metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
+            self.metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
         elif name == "circuit":
-            metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))
+            self.metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))
+        elif name == "cloud_error":
+            self.metrics.cloud_errors.labels(reason=fields.get("reason", "error")).inc()
+        elif name in CLOUD_EVENTS:
+            self._cloud_changed(CLOUD_EVENTS[name])
+
+    def _cloud_changed(self, state: str) -> None:
+        """Mirror the cloud's status in the gauge and the ``edgeexit.cloud`` health service (with _sync held)."""
+        self.metrics.cloud_status.set(CLOUD_STATUS.get(state, 0))
+        if self.runtime.options.cloud is None:
+            return  # device-only (no cloud configured): no cloud health to report
+        status = {"ok": health_pb2.HealthCheckResponse.SERVING, "unknown": health_pb2.HealthCheckResponse.UNKNOWN}
+        self.handle.health.set(CLOUD_HEALTH_SERVICE, status.get(state, health_pb2.HealthCheckResponse.NOT_SERVING))

@@ -35,7 +35,8 @@ from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
 from edgeexit.policies import ExitPolicy, softmax
 from edgeexit.runtime import codec, splits
 from edgeexit.runtime.adaptation import Adapter, AdaptOptions, Choice, build_adapter
-from edgeexit.runtime.breaker import BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
+from edgeexit.runtime.breaker import HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
+from edgeexit.runtime.cloud_health import CloudHealth, HealthChecker
 from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
 from edgeexit.runtime.link_monitor import LinkMonitor, network_seconds
 from edgeexit.runtime.link_stats import LinkStats
@@ -52,7 +53,8 @@ ON_FAILURE = ("best-exit", "finish-local")
 
 
 class CloudClient(Protocol):
-    """What the runtime needs from runtime.client.InferenceClient (a seam for tests)."""
+    """What the runtime needs from runtime.client.InferenceClient (a seam for tests). A client that also has
+    ``check_health(timeout)`` gets background health checks instead of request probes (see breaker.py)."""
 
     def infer(self, model: str, input_name: str, tensor: codec.WireTensor, *, timeout: float,
               request_id: str = "") -> Offload: ...
@@ -195,11 +197,19 @@ class DeviceRuntime:
             self.adapter = build_adapter(self.manifest, self.runner, adapt, self.monitor.stats, clock)
             self.monitor.on_cloud_time = lambda split, ms: self.adapter.observe_cloud(split, ms, 1)
             self.split = self.adapter.choose()
-        self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed)
+        check = getattr(self._client, "check_health", None)
+        self._checker: HealthChecker | None = None
+        self.breaker = CircuitBreaker(o.breaker, clock=clock, on_change=self._breaker_changed,
+                                      on_outcome=self._cloud_outcome, health_checks=callable(check))
+        self.cloud_health = CloudHealth(lambda: self.breaker.reason is not None, self._emit)
+        if callable(check):  # a check may take as long as a whole request may
+            self._checker = HealthChecker(self.breaker, check, o.breaker, o.deadline_ms / 1000.0)
         for k in self._segments_to_open():
             self.runner.session(k)  # open now: no first-request stall, and no lazy-open race across threads
         if self.adapter is not None:
             self.monitor.warm_up()
+        if self._checker is not None:
+            self._checker.start()
 
     # -- public -------------------------------------------------------------------------------------------
     @property
@@ -243,6 +253,8 @@ class DeviceRuntime:
         return result
 
     def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
         if self._client is not None:
             self._client.close()
 
@@ -379,8 +391,14 @@ class DeviceRuntime:
         return range(splits.last_device_segment(self.split, n) + 1)
 
     def _breaker_changed(self, old: str, new: str) -> None:
-        log.warning("circuit %s -> %s", old, new)
+        # A passing health check goes through half-open at once: that step is INFO, opening and closing WARNING.
+        log.log(logging.INFO if HALF_OPEN in (old, new) else logging.WARNING, "circuit %s -> %s", old, new)
         self._emit("circuit", old=old, new=new)
+        if new == OPEN and self._checker is not None:
+            self._checker.wake()
+
+    def _cloud_outcome(self, error: BaseException | None) -> None:
+        self.cloud_health.observe(error)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self._on_event is not None:

@@ -5,6 +5,10 @@ MODEL   := $(ART)/resnet_exits.pt2
 BUNDLE  := $(ART)/resnet_exits.edgeexit
 EPOCHS  ?= 4
 SETUP   := .venv/.setup-done
+# The Triton models' own Python environment (numpy<2: Triton 2.51's Python backend answers every request with an
+# empty response under numpy 2); `edgeexit triton` finds it here.
+TRITON_ENV   := .venv-triton
+TRITON_SETUP := $(TRITON_ENV)/.setup-done
 READY   := $(ART)/.bundle-ready  # exported, calibrated and profiled
 # The camera-class reference ships trained (edgeexit/reference/camera_resnet.md): demo and bench never train it.
 CAMERA_PT2 := edgeexit/reference/camera_resnet.pt2
@@ -13,15 +17,26 @@ CAMERA_READY := $(ART)/.camera-ready
 
 .PHONY: setup demo test test-fast bench lint clean
 
-setup: $(SETUP)
+setup: $(SETUP) $(TRITON_SETUP)
 
 $(SETUP): pyproject.toml constraints.txt
-	@if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  echo "installing Debian packages (dataset-fashion-mnist, iproute2)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2; fi
+	@if [ "$$(id -u)" = 0 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || \
+	  [ ! -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ]; }; then \
+	  echo "installing Debian packages (dataset-fashion-mnist, iproute2, libpython3.11 for Triton's Python backend)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2 \
+	  libpython3.11; fi
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt -e ".[export,tflite,tflite-export,data,plot,dev]"
+	@# The real Triton server (edgeexit triton): --no-deps, the wheel's own pins (numpy<2, tritonclient~=2.50)
+	@# conflict with ours and the server binary needs none of them.
+	$(PY) -m pip install -q --no-deps -c constraints.txt nvidia-pytriton
 	touch $(SETUP)
+
+$(TRITON_SETUP): constraints-triton.txt pyproject.toml | $(SETUP)
+	test -x $(TRITON_ENV)/bin/python || python3 -m venv $(TRITON_ENV)
+	$(TRITON_ENV)/bin/python -m pip install -q -c constraints-triton.txt numpy onnxruntime zstandard
+	$(TRITON_ENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(TRITON_SETUP)
 
 $(MODEL): | $(SETUP)
 	@mkdir -p $(ART)

@@ -16,8 +16,9 @@ import sys
 from edgeexit import logs
 from edgeexit.errors import EdgeExitError
 
-# Subcommand name -> module in edgeexit.cli.
-COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "netsim", "bench", "demo"]
+# Subcommand name -> module in edgeexit.cli (the triton module registers triton-repo too).
+COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "triton", "netsim",
+            "bench", "demo"]
 JSON_LOGS = {"agent", "serve"}  # long-running services: one JSON object per log line (edgeexit.logs)
 
 

@@ -71,7 +71,7 @@ class LiteRTSession:
             raise BundleError(f"TFLite segment {path} is missing; re-export with `--formats tflite`")
         try:
             self._interp = Interpreter(model_path=str(path), num_threads=threads)
-        except ValueError as e:
+        except Exception as e:  # ValueError, RuntimeError, ...: anything the interpreter says about a bad file
             raise BundleError(f"{path} is not a loadable TFLite model ({e}); re-export the bundle") from e
         extra = extra or {}
         sig_key = self._signature_key(extra.get("signature"))
@@ -97,6 +97,18 @@ class LiteRTSession:
         self._fixed_batch = max(1, signature[0])
         self._allocated_batch: int | None = None
         self.path = path
+        self._ranks = ([len(signature)], [len(out_details[k]["shape_signature"]) for k in sig_out])
+
+    def io_facts(self) -> tuple[list[Any], list[Any]]:
+        """(name, dims, dtype) of the input and outputs, for ``backends.check_io``: ranks only (TFLite may fix
+        a batch the manifest keeps symbolic), dtypes only where the session does not convert (int8 ports)."""
+
+        def facts(names: list[str], ranks: list[int], ports: list[_Port]) -> list[Any]:
+            zipped = zip(names, ranks, ports, strict=True)
+            return [(n, [None] * r, None if p.quantized else str(p.dtype)) for n, r, p in zipped]
+
+        ins = facts(self.input_names, self._ranks[0], [self._input])
+        return ins, facts(self.output_names, self._ranks[1], self._outputs)
 
     def _signature_key(self, wanted: str | None) -> str:
         keys = list(self._interp.get_signature_list())

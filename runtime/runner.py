@@ -68,7 +68,8 @@ class SegmentRunner:
         if k not in self._sessions:
             path = self.bundle.segment_path(k, self.fmt)
             seg = self.manifest.segments[k]
-            io = SegmentIO([t.name for t in seg.inputs], [t.name for t in seg.outputs], seg.files[self.fmt].extra)
+            io = SegmentIO([t.name for t in seg.inputs], [t.name for t in seg.outputs], seg.files[self.fmt].extra,
+                           seg.inputs, seg.outputs)
             self._sessions[k] = open_session(path, self.backend, self.threads, self.fmt, io)
         return self._sessions[k]
 

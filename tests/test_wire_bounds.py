@@ -393,3 +393,26 @@ def test_serve_cli_has_the_row_limit():
     args = parser.parse_args(["serve", "b.edgeexit", "--max-batch-rows", "8"])
     assert args.max_batch_rows == 8
     assert parser.parse_args(["serve", "b.edgeexit"]).max_batch_rows == 256
+
+
+def test_the_agent_refuses_huge_shapes_and_trailing_bytes(agent_bundle, raw_batch):
+    """The agent decodes through the same oip_input/codec path: same refusals, then it still answers."""
+    from edgeexit.runtime.agent import Agent, AgentOptions
+    from edgeexit.runtime.device import DeviceOptions
+
+    agent = Agent(agent_bundle, AgentOptions(DeviceOptions(policy="never", split="device"),
+                                             listen="127.0.0.1:0")).start()
+    try:
+        model = agent.runtime.model_name
+        wire = codec.encode(raw_batch, "fp32", compress=True)
+        cases = [
+            (_request(model, "input", "FP32", [2**62, *wire.shape[1:]], bytes(64)), "would take"),
+            (_request(model, "input", "FP32", wire.shape, wire.data + bytes(1 << 20), wire.params), "one zstd frame"),
+        ]
+        for req, match in cases:
+            _refused(agent, req, match)
+        out = outputs_from_pb(_call(agent, _request(model, "input", "FP32", wire.shape, wire.data, wire.params)))
+        r = SegmentRunner(agent_bundle)
+        np.testing.assert_array_equal(out["label"], r.run_all(r.normalize(raw_batch))[-1].argmax(1))
+    finally:
+        agent.stop()

@@ -12,7 +12,7 @@
 # With TLS and a token (secrets mounted read-only; the health check then needs the CA too):
 #   docker run ... -v /etc/edgeexit/serve:/run/secrets/edgeexit:ro -e EDGEEXIT_HEALTH_TLS_CA=/run/secrets/edgeexit/ca.crt \
 #     edgeexit-serve:0.1.0 /bundle --host 0.0.0.0 --tls-cert /run/secrets/edgeexit/tls.crt \
-#     --tls-key /run/secrets/edgeexit/tls.key --token-file /run/secrets/edgeexit/token --metrics-port 9464
+#     --tls-key /run/secrets/edgeexit/tls.key --token-file /run/secrets/edgeexit/token --metrics-port 9464 --metrics-host 0.0.0.0
 
 # Minor-version tag; pin the digest (python:3.11-slim-bookworm@sha256:...) in your registry mirror: no registry
 # was reachable from here to resolve one.
@@ -50,5 +50,6 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "/opt/edgeexit/healthcheck.py"]
 ENTRYPOINT ["edgeexit", "serve"]
-# The bundle is mounted at /bundle (read-only); listen on all interfaces inside the container.
-CMD ["/bundle", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464"]
+# The bundle is mounted at /bundle (read-only); listen on all interfaces inside the container. /metrics is
+# plain HTTP without auth: publish 9464 only where a firewall or proxy guards it.
+CMD ["/bundle", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464", "--metrics-host", "0.0.0.0"]

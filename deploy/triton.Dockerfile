@@ -7,21 +7,18 @@
 # the `edgeexit triton-repo` flags below exist, and the path COPY'd exists in the context it writes.
 #
 # Build: write the repository into a build context of its own, then build from there.
-#   edgeexit triton-repo artifacts/camera_resnet.edgeexit --out build/triton/model_repository --flavour onnx
+#   edgeexit triton-repo artifacts/camera_resnet.edgeexit --out build/triton/model_repository \
+#     --flavour onnx --encoding int8
 #   docker build -f deploy/triton.Dockerfile -t edgeexit-triton:camera_resnet build/triton
 # Run (GPU):
 #   docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 edgeexit-triton:camera_resnet
 #
-# Flavours: `--flavour onnx` (onnxruntime_onnx platform: GPU-ready, INT8 dequantised in the graph; no zstd,
-# so agents must not use --compress against it) needs nothing beyond this image. `--flavour python` (decodes
-# every wire encoding, zstd included) runs its models in a Python env that must hold numpy<2 (numpy 2 gives
-# empty responses with no error), onnxruntime and zstandard: see the commented RUN below.
+# Use `--flavour onnx` here (onnxruntime_onnx platform: GPU-ready, INT8/FP16 decoded in the graph), with
+# `--encoding` equal to the agents' --encoding (Triton admits one datatype per input). It cannot decode zstd:
+# agents must not use --compress against it. `--flavour python` is NOT supported by this image: its models
+# import edgeexit (Python >= 3.11) in an env with numpy<2, while the 24.10 image's Python is 3.10 and its Python
+# backend stub is built for it. Run that flavour with `edgeexit triton` (CPU) or in an image you build for 3.11.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
-
-# Only for --flavour python. The image's Python is 3.10 (Ubuntu 22.04), whose newest onnxruntime is 1.23.2; this
-# set resolves for cp310 manylinux (checked here with `pip install --dry-run --python-version 3.10`, not installed).
-# The generated config.pbtxt must then not point EXECUTION_ENV_PATH at a path of the build machine.
-# RUN python3 -m pip install --no-cache-dir "numpy==1.26.4" "onnxruntime==1.23.2" "zstandard==0.25.0"
 
 # The repository is read-only at run time: Triton's model control mode is "none" (load all at start).
 COPY model_repository/ /models/

@@ -249,6 +249,8 @@ def test_serve_image_is_slim_non_root_healthchecked_and_copies_real_paths():
     parsed = serve_args(argv[1:])
     exposed = {int(p) for e in instr(SERVE_DOCKERFILE, "EXPOSE") for p in e.split()}
     assert {parsed.port, parsed.metrics_port} <= exposed and parsed.host == "0.0.0.0"
+    # The HEALTHCHECK's default address (EDGEEXIT_HEALTH_ADDRESS) is the port CMD serves on.
+    assert f"EDGEEXIT_HEALTH_ADDRESS=127.0.0.1:{parsed.port}" in " ".join(instr(SERVE_DOCKERFILE, "ENV"))
 
 
 def test_serve_image_installs_the_pinned_base_without_torch():

@@ -276,10 +276,11 @@ def test_serve_and_agent_processes_refuse_hostile_bundles(bundle, command, case,
     case(bundle)
     done = subprocess.run([sys.executable, "-m", "edgeexit", command[0], str(bundle), *command[1:]],
                           capture_output=True, text=True, timeout=60)
-    err = done.stderr.strip()
-    assert done.returncode == 2, err
-    assert err.startswith(f"edgeexit {command[0]}: error:") and "\n" not in err and words in err, err
-    assert "ready on" not in done.stdout and "Traceback" not in err
+    assert done.returncode == 2, done.stderr
+    # stderr: the service's JSON log lines (e.g. the agent's "start" event), then the error, on one line
+    plain = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(plain) == 1 and plain[0].startswith(f"edgeexit {command[0]}: error:") and words in plain[0], plain
+    assert "ready on" not in done.stdout and "Traceback" not in done.stderr
 
 
 # --------------------------------------------------------------------------------------- the model digest

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -219,7 +220,7 @@ class Testbed(Closing):
         return n
 
     def _no_exit_view(self) -> Path:
-        """The bundle with its calibrated policy removed (segments linked, not copied).
+        """The bundle with its calibrated policy removed (segments copied: a bundle refuses a symlink out of it).
 
         `edgeexit agent --policy never` refuses a bundle calibrated for another policy (policy_from_manifest
         insists the kinds match), so "no early exit" runs on this view of the same files."""
@@ -229,7 +230,7 @@ class Testbed(Closing):
             manifest = json.loads((Path(self.options.bundle) / "manifest.json").read_text())
             manifest["policy"] = None
             (view / "manifest.json").write_text(json.dumps(manifest))
-            (view / "segments").symlink_to((Path(self.options.bundle) / "segments").resolve())
+            shutil.copytree(Path(self.options.bundle) / "segments", view / "segments")
         return view
 
     def _stop_agent(self, name: str) -> None:

@@ -46,7 +46,7 @@ CAMERA = ROOT / "artifacts" / "camera_resnet.edgeexit"
 SERVE_ARGS = {"serve-off": ["--max-batch-size", "1"],
               "serve-on": ["--max-batch-size", "32", "--max-batch-delay-ms", "2"]}
 WORKERS = "64"
-BOOTS = 4000
+THREADS = "1"  # onnxruntime intra-op threads per session, serve's default (and the Triton repository's)
 
 
 # ---------------------------------------------------------------- workload
@@ -82,6 +82,26 @@ def wire_requests(bundle: Path, split: int, rows: int = 64) -> tuple[str, str, l
     return f"{Bundle.load(bundle).name}@{split}", sp.tensor.name, wires
 
 
+def compute_per_row(bundle: Path, split: int, wires: list, sizes: tuple[int, ...] = (1, 32)) -> dict:
+    """The tail's onnxruntime time per row at each batch size, one thread, in this process, nothing else of
+    ours running: how much batching can save in compute at all (per-request overheads aside)."""
+    from edgeexit.runtime import codec
+    from edgeexit.runtime.runner import SegmentRunner
+
+    runner = SegmentRunner(bundle, threads=int(THREADS))
+    rows = np.concatenate([codec.decode(w.data, w.datatype, w.shape, w.params) for w in wires])
+    out = {}
+    for b in sizes:
+        x = np.resize(rows, (b, *rows.shape[1:]))
+        runner.run(x, split + 1)
+        reps = max(3, 64 // b)
+        t = time.perf_counter()
+        for _ in range(reps):
+            runner.run(x, split + 1)
+        out[str(b)] = round((time.perf_counter() - t) / reps / b * 1e3, 3)
+    return out
+
+
 # ---------------------------------------------------------------- servers
 class Triton:
     """`edgeexit triton REPO` as a process of its own session (so a stop also ends its tritonserver child)."""
@@ -90,6 +110,7 @@ class Triton:
         self.popen: subprocess.Popen | None = None
         self.bundle, self.work = bundle, work
         self.target = ""
+        self.metrics_url: str | None = None
 
     @staticmethod
     def _help(cmd: str) -> str | None:
@@ -117,6 +138,8 @@ class Triton:
         ports = {"--grpc-port": free_port()}
         ports.update({f: free_port() for f in ("--http-port", "--metrics-port") if f in run_help})
         self.target = f"127.0.0.1:{ports['--grpc-port']}"
+        if "--metrics-port" in ports:
+            self.metrics_url = f"http://127.0.0.1:{ports['--metrics-port']}/metrics"
         log = open(self.work / "triton.log", "w")  # noqa: SIM115  kept open for the process's life
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "edgeexit", "triton", str(repo), *[str(a) for kv in ports.items() for a in kv]],
@@ -153,16 +176,6 @@ def _median(xs: list[float | None]) -> float | None:
     return float(np.median(xs)) if xs else None
 
 
-def ratio_ci(num: list[float], den: list[float], seed: int) -> dict:
-    """median(num) / median(den) with a 95% bootstrap interval, rounds resampled jointly (a round is a pair)."""
-    a, b = np.asarray(num, float), np.asarray(den, float)
-    value = float(np.median(a) / np.median(b))
-    idx = np.random.default_rng(seed).integers(0, len(a), (BOOTS, len(a)))
-    boots = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return {"value": round(value, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "rounds": len(a)}
-
-
 def summarise(runs: dict, servers: list[str], streams: list[int]) -> list[dict]:
     rows = []
     for s in servers:
@@ -172,6 +185,7 @@ def summarise(runs: dict, servers: list[str], streams: list[int]) -> list[dict]:
                          "p50_ms": _round(_median([r["p50_ms"] for r in rs])),
                          "p99_ms": _round(_median([r["p99_ms"] for r in rs])),
                          "errors": sum(r["errors"] for r in rs), "answers": sum(r["answers"] for r in rs),
+                         "mean_batch": _median([r["mean_batch"] for r in rs]),
                          "per_round_rps": [round(r["rps"], 2) for r in rs]})
     return rows
 
@@ -204,12 +218,20 @@ def markdown(result: dict) -> str:
              f"| triton_over_serve_throughput (32 streams) | {ci('triton_over_serve_throughput')} | - |",
              f"| p99_ms_at_64 (serve on) | {fmt(h['p99_ms_at_64'])} | - |",
              f"| errors | {h['errors']} | 0 |\n"]
+    pr = result["tail_compute_ms_per_row_by_batch"]
+    lines.append("The tail's compute per row (onnxruntime, 1 thread, measured here before the servers started): "
+                 + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in pr.items())
+                 + ": the most batching can save in compute; the rest of any gain is per-request overhead.\n")
     if result.get("triton_unavailable"):
         lines.append(f"Triton not measured: {result['triton_unavailable']}\n")
-    lines.append(markdown_table(["server", "streams", "answers/s", "p50 ms", "p99 ms", "errors", "per round answers/s"],
+    lines.append(markdown_table(["server", "streams", "answers/s", "p50 ms", "p99 ms", "errors", "mean batch",
+                                 "per round answers/s"],
                                 [[r["server"], str(r["streams"]), r["throughput_rps"], r["p50_ms"], r["p99_ms"],
-                                  str(r["errors"]), ", ".join(f"{x:.0f}" for x in r["per_round_rps"])]
+                                  str(r["errors"]), r["mean_batch"],
+                                  ", ".join(f"{x:.0f}" for x in r["per_round_rps"])]
                                  for r in result["conditions"]], left=1))
+    lines.append("\nmean batch: requests per batch run by the server (its /metrics; Triton: requests per model "
+                 "execution) over the whole condition, warm-up included.")
     return "\n".join(lines) + "\n"
 
 
@@ -252,8 +274,8 @@ def main() -> None:
         args.rounds, args.seconds, args.warmup = 1, 2.0, 1.0
     if not args.bundle.is_dir():
         raise SystemExit(f"{args.bundle} is missing: build it with `make artifacts/.camera-ready`")
-    from edgeexit.testbed.cloud_load import LoadGenerator
-    from edgeexit.testbed.harness import launch
+    from edgeexit.testbed.cloud_load import COUNTERS, LoadGenerator, mean_batch, ratio_ci, scrape
+    from edgeexit.testbed.harness import free_port, launch
 
     streams = [int(s) for s in args.streams.split(",")]
     if args.split is None:
@@ -262,12 +284,16 @@ def main() -> None:
         split, label = args.split, f"split@{args.split}/int8 (--split)"
     model, input_name, wires = wire_requests(args.bundle, split)
     work = Path(tempfile.mkdtemp(prefix="cloud-bench-"))
+    per_row = compute_per_row(args.bundle, split, wires)
     print(f"workload {model} ({label}); logs in {work}", file=sys.stderr)
-    procs, triton, unavailable = {}, None, None
+    procs, triton, unavailable, metrics = {}, None, None, {}
     load = LoadGenerator(args.processes)
     try:
         for name, extra in SERVE_ARGS.items():
-            procs[name] = launch(name, ["serve", str(args.bundle), "--port", "0", "--workers", WORKERS, *extra], work)
+            port = free_port()
+            procs[name] = launch(name, ["serve", str(args.bundle), "--port", "0", "--workers", WORKERS,
+                                        "--threads", THREADS, "--metrics-port", str(port), *extra], work)
+            metrics[name] = (f"http://127.0.0.1:{port}/metrics", COUNTERS["serve"])
         targets = {name: p.target for name, p in procs.items()}
         if args.no_triton:
             unavailable = "--no-triton"
@@ -276,21 +302,28 @@ def main() -> None:
             unavailable = triton.start()
             if unavailable is None:
                 targets["triton"] = triton.target
+                metrics["triton"] = (triton.metrics_url, COUNTERS["triton"])
             else:
                 print(f"Triton unavailable: {unavailable}", file=sys.stderr)
         servers = list(targets)
         conditions = [(s, n) for s in servers for n in streams]
         runs: dict = {c: [] for c in conditions}
         rng = random.Random(args.seed)
+        for s in servers:  # once, not measured: sessions, allocators and connections warm before round 1
+            load.run(targets[s], model, input_name, wires, max(streams), args.warmup, args.warmup)
         for rnd in range(args.rounds):
             rng.shuffle(conditions)
             for s, n in conditions:
+                before = scrape(metrics[s][0], model, *metrics[s][1])
                 r = load.run(targets[s], model, input_name, wires, n, args.seconds, args.warmup)
                 runs[(s, n)].append({"rps": r.throughput, "p50_ms": r.percentile(50), "p99_ms": r.percentile(99),
-                                     "errors": r.error_count, "error_types": r.errors, "answers": r.answers})
+                                     "errors": r.error_count, "error_types": r.errors, "answers": r.answers,
+                                     "late_streams": r.late_streams,
+                                     "mean_batch": mean_batch(before, scrape(metrics[s][0], model, *metrics[s][1]))})
                 print(f"round {rnd + 1}/{args.rounds} {s:9s} {n:3d} streams: {r.throughput:7.1f}/s "
                       f"p50 {r.percentile(50) or 0:.1f} ms p99 {r.percentile(99) or 0:.1f} ms "
-                      f"errors {r.errors or 0}", file=sys.stderr)
+                      f"errors {r.errors or 0}" + (f" ({r.late_streams} streams late)" if r.late_streams else ""),
+                      file=sys.stderr)
         exit_codes = {name: p.stop() for name, p in procs.items()}
     finally:
         load.close()
@@ -323,8 +356,9 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores in all, shared by the load generator and the server(s)",
         "load": {"processes": load.processes, "closed_loop": True, "connection_per_stream": True},
         "load_average_after": os.getloadavg()[0], "server_exit_codes": exit_codes,
+        "tail_compute_ms_per_row_by_batch": per_row,
         "triton_unavailable": summary["triton_unavailable"],
-        "servers": {s: (["serve", "--workers", WORKERS, *SERVE_ARGS[s]] if s in SERVE_ARGS else
+        "servers": {s: (["serve", "--workers", WORKERS, "--threads", THREADS, *SERVE_ARGS[s]] if s in SERVE_ARGS else
                         ["triton-repo --encoding int8", "triton (python backend, dynamic batching)"])
                     for s in servers},
         "workload": {"bundle": str(args.bundle), "model": model, "split": split, "split_label": label,

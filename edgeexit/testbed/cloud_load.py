@@ -11,7 +11,11 @@ inside [t0, t1]; streams stop sending at ``t1`` and let their last request finis
 
 The request is built exactly as ``edgeexit.runtime.client.InferenceClient.infer`` builds it (the agent's
 offload): one input with the codec's datatype and shape, ``raw_input_contents``, and the codec's parameters
-(``edgeexit.scale`` / ``edgeexit.zero_point`` for INT8) as request parameters.
+(``edgeexit.scale`` / ``edgeexit.zero_point`` for INT8) as request parameters. A failed call is counted by
+its gRPC status, never raised: the benchmark reports errors, it does not stop at the first.
+
+Also here: reading a server's batch counters from its /metrics page, and the bootstrap interval of a ratio
+over rounds, which the cloud benchmark reports.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import numpy as np
 
 from edgeexit.runtime.codec import WireTensor
 
+BOOTS = 4000  # bootstrap resamples of the rounds
+READY_TIMEOUT_S = 120.0  # a load process's start-up (imports) on a busy machine
 START_SLACK_S = 0.3  # between sending the jobs and the schedule's begin: every worker has its job by then
 
 
@@ -37,8 +43,9 @@ class LoadResult:
     seconds: float  # measured window
     answers: int  # answers that arrived inside the window
     latencies_ms: np.ndarray  # of those answers
-    errors: dict[str, int] = field(default_factory=dict)  # error type -> count, warm-up and window
+    errors: dict[str, int] = field(default_factory=dict)  # gRPC status -> count, warm-up and window
     warmup_answers: int = 0
+    late_streams: int = 0  # streams that were not set up when the warm-up began (a machine too busy to start)
 
     @property
     def throughput(self) -> float:
@@ -59,7 +66,6 @@ def _stream(target: str, model: str, input_name: str, tensors: list[tuple], job:
     from edgeexit.runtime.oip_messages import params_to_pb
     from edgeexit.runtime.proto import grpc_service_pb2 as pb
     from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
-    from edgeexit.runtime.status import error_for
 
     channel = grpc.insecure_channel(target, options=[
         ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
@@ -77,6 +83,7 @@ def _stream(target: str, model: str, input_name: str, tensors: list[tuple], job:
     errors: dict[str, int] = {}
     warm = 0
     i = offset
+    late = time.monotonic() > job["begin"]  # set up too slowly: its warm-up was cut short
     while time.monotonic() < job["begin"]:
         time.sleep(0.005)
     while (start := time.monotonic()) < t1:
@@ -85,7 +92,7 @@ def _stream(target: str, model: str, input_name: str, tensors: list[tuple], job:
         try:
             stub.ModelInfer(req, timeout=timeout)
         except grpc.RpcError as e:
-            name = type(error_for(e.code(), e.details() or "")).__name__
+            name = e.code().name  # the server's status (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...)
             errors[name] = errors.get(name, 0) + 1
             time.sleep(0.01)  # a failing server must not turn the loop into a busy spin
             continue
@@ -95,11 +102,16 @@ def _stream(target: str, model: str, input_name: str, tensors: list[tuple], job:
         elif end < t0:
             warm += 1
     channel.close()
-    out.append((lat, errors, warm))
+    out.append((lat, errors, warm, late))
 
 
 def _worker(conn: Any) -> None:
     """A load process: run each job it receives with one thread per stream, send back what they measured."""
+    import grpc  # noqa: F401  imported before saying ready: no import inside a measurement
+
+    from edgeexit.runtime.proto import grpc_service_pb2_grpc  # noqa: F401
+
+    conn.send("ready")
     while True:
         job = conn.recv()
         if job is None:
@@ -117,7 +129,7 @@ def _worker(conn: Any) -> None:
         for o in out:
             for k, v in o[1].items():
                 errors[k] = errors.get(k, 0) + v
-        conn.send((lat, errors, sum(o[2] for o in out)))
+        conn.send((lat, errors, sum(o[2] for o in out), sum(o[3] for o in out)))
 
 
 class LoadGenerator:
@@ -135,6 +147,10 @@ class LoadGenerator:
             p.start()
             self._pipes.append(parent)
             self._procs.append(p)
+        for pipe, p in zip(self._pipes, self._procs, strict=True):
+            if not pipe.poll(READY_TIMEOUT_S) or pipe.recv() != "ready":
+                self.close()
+                raise RuntimeError(f"load process {p.name} did not start within {READY_TIMEOUT_S:.0f} s")
 
     @property
     def processes(self) -> int:
@@ -159,14 +175,15 @@ class LoadGenerator:
             first += n
         lat: list[float] = []
         errors: dict[str, int] = {}
-        warm = 0
+        warm = late = 0
         for pipe in busy:
-            got_lat, got_err, got_warm = pipe.recv()
+            got_lat, got_err, got_warm, got_late = pipe.recv()
             lat += got_lat
             warm += got_warm
+            late += got_late
             for k, v in got_err.items():
                 errors[k] = errors.get(k, 0) + v
-        return LoadResult(streams, seconds, len(lat), np.asarray(lat, float), errors, warm)
+        return LoadResult(streams, seconds, len(lat), np.asarray(lat, float), errors, warm, late)
 
     def close(self) -> None:
         for pipe in self._pipes:
@@ -185,3 +202,44 @@ class LoadGenerator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- reading the results
+def scrape(url: str | None, model: str, requests: str, batches: str) -> tuple[float, float] | None:
+    """(requests, batches) counters of ``model`` from a Prometheus /metrics page; None when unreadable."""
+    import urllib.request
+
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    got = {requests: 0.0, batches: 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in got and f'model="{model}"' in line:
+            got[name] += float(line.rsplit(" ", 1)[1])
+    return got[requests], got[batches]
+
+
+# Per server: its /metrics counters of requests and of batches run (Triton: executions).
+COUNTERS = {"serve": ("edgeexit_batch_size_sum", "edgeexit_batch_size_count"),
+            "triton": ("nv_inference_request_success", "nv_inference_exec_count")}
+
+
+def mean_batch(before: tuple | None, after: tuple | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
+def ratio_ci(num: list[float], den: list[float], seed: int) -> dict:
+    """median(num) / median(den) with a 95% bootstrap interval, rounds resampled jointly (a round is a pair)."""
+    a, b = np.asarray(num, float), np.asarray(den, float)
+    value = float(np.median(a) / np.median(b))
+    idx = np.random.default_rng(seed).integers(0, len(a), (BOOTS, len(a)))
+    boots = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"value": round(value, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "rounds": len(a)}

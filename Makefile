@@ -81,6 +81,7 @@ bench: $(SETUP) $(MODEL) $(CAMERA_READY)
 	$(PY) benchmarks/early_exit.py --model $(MODEL)
 	$(PY) benchmarks/tflite.py --model $(MODEL)
 	$(PY) benchmarks/wire.py --model $(MODEL)
+	$(PY) benchmarks/cloud.py --bundle $(CAMERA)
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

@@ -32,7 +32,7 @@ import numpy as np
 
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
-from edgeexit.policies import ExitPolicy, softmax
+from edgeexit.policies import softmax
 from edgeexit.runtime import codec, splits
 from edgeexit.runtime.adaptation import Adapter, AdaptOptions, Choice, build_adapter
 from edgeexit.runtime.breaker import HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
@@ -40,6 +40,7 @@ from edgeexit.runtime.cloud_health import CloudHealth, HealthChecker
 from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
 from edgeexit.runtime.link_monitor import LinkMonitor, network_seconds
 from edgeexit.runtime.link_stats import LinkStats
+from edgeexit.runtime.pending import Pending
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.setting_policy import PolicyChooser, planned_settings
 from edgeexit.runtime.splits import Split, cloud_model, parse_split, resolve_split
@@ -134,32 +135,6 @@ class Result:
         return to_codes(self.decided)
 
 
-class _Pending:
-    """The rows not yet answered, with the exit logits computed for them so far."""
-
-    def __init__(self, raw: np.ndarray, classes: int, policy: ExitPolicy):
-        self.raw, batch = raw, len(raw)  # every row before normalisation (what the whole cloud model takes)
-        self.policy = policy  # this request's exit policy (the planner's setting may change between requests)
-        self.labels = np.zeros(batch, np.int64)
-        self.probs = np.zeros((batch, classes), np.float32)
-        self.exits = np.full(batch, -1, np.int32)
-        self.decided = [""] * batch
-        self.rows = np.arange(batch)
-        self.history: list[np.ndarray] = []
-        self.exit_ids: list[int] = []
-
-    def answer(self, mask: np.ndarray, labels: np.ndarray, probs: np.ndarray, exit_id: int, where: str) -> None:
-        for r, lab, p in zip(self.rows[mask], labels[mask], probs[mask], strict=True):
-            self.labels[r], self.probs[r], self.exits[r], self.decided[r] = lab, p, exit_id, where
-        keep = ~mask
-        self.rows = self.rows[keep]
-        self.history = [h[keep] for h in self.history]
-
-    @property
-    def empty(self) -> bool:
-        return len(self.rows) == 0
-
-
 class DeviceRuntime:
     """Early-exit inference on the device with cloud offload, deadlines, retries and a circuit breaker."""
 
@@ -239,7 +214,7 @@ class DeviceRuntime:
         choice = self.adapter.pick() if self.adapter is not None else Choice(self.split)
         split = self.split = choice.split
         lat = Latency()
-        pend = _Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds))
+        pend = Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds))
         cur = self._run_local(pend, x, 0, splits.last_device_segment(split, self.runner.num_segments), lat)
         result_bytes, reason = 0, None
         if not pend.empty:
@@ -259,7 +234,7 @@ class DeviceRuntime:
             self._client.close()
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _run_local(self, pend: _Pending, cur: np.ndarray, first: int, last: int, lat: Latency,
+    def _run_local(self, pend: Pending, cur: np.ndarray, first: int, last: int, lat: Latency,
                    where: str = DEVICE) -> np.ndarray:
         """Run segments first..last on the pending rows, letting the policy answer rows at each exit."""
         final_exit = len(self.manifest.exits) - 1
@@ -287,7 +262,7 @@ class DeviceRuntime:
                 break
         return cur
 
-    def _offload(self, pend: _Pending, cur: np.ndarray, deadline: float, lat: Latency, split: int | str
+    def _offload(self, pend: Pending, cur: np.ndarray, deadline: float, lat: Latency, split: int | str
                  ) -> tuple[int, str | None]:
         """Send the pending rows to the cloud; on any failure fall back locally. Returns (bytes sent, reason)."""
         o = self.options
@@ -327,7 +302,7 @@ class DeviceRuntime:
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
         return len(wire.data), None
 
-    def _fallback(self, pend: _Pending, cur: np.ndarray, lat: Latency, split: int | str) -> None:
+    def _fallback(self, pend: Pending, cur: np.ndarray, lat: Latency, split: int | str) -> None:
         if self.options.on_failure == "best-exit" and pend.history:
             probs = [softmax(h) for h in pend.history]
             conf = np.stack([p.max(1) for p in probs])  # [exits seen, rows]

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/cloud.py [--quick] [--rounds 5] [--seconds 5] [--streams 16,32,64] [--no-triton]
 
+The default run takes about 8 minutes (45 conditions of ~7 s, plus start-up); --quick about 1.5 minutes.
+
 Workload: the tail of the camera model (artifacts/camera_resnet.edgeexit) after the split the planner offloads
 at for a Raspberry Pi 4 on wifi (its best `split@k/int8` candidate; `--split` overrides), fed with real
 wire requests: Fashion-MNIST-96 test images run through the head, encoded INT8 by runtime/codec.py exactly as
@@ -204,7 +206,8 @@ def markdown(result: dict) -> str:
         r = result["ratios"].get(key)
         return "-" if r is None else f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
-    lines = [f"# Cloud serving: {w['model']} ({w['split_label']})\n",
+    quick = " -- QUICK RUN (1 round, 2 s): a check that it works, not a result" if result["quick"] else ""
+    lines = [f"# Cloud serving: {w['model']} ({w['split_label']}){quick}\n",
              f"Requests: {w['encoding']} boundary {w['boundary_shape']} ({w['request_bytes']} B), batch 1, "
              f"closed loop, one connection per stream, streams spread over "
              f"{result['load']['processes']} load processes. "
@@ -241,12 +244,12 @@ def plot(result: dict, path: Path) -> None:
     servers = list(dict.fromkeys(r["server"] for r in result["conditions"]))
     with figure(path, 2, size=(10, 4), title=f"{result['workload']['model']}: CONTENTION-BOUND "
                 f"({result['machine']})") as (ax_t, ax_l):
-        for s in servers:
+        for k, s in enumerate(servers):  # one colour per server in both panels
             rs = [r for r in result["conditions"] if r["server"] == s]
-            ax_t.plot([r["streams"] for r in rs], [r["throughput_rps"] for r in rs], marker="o", label=s)
-            ax_l.plot([r["streams"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=f"{s} p99")
-            ax_l.plot([r["streams"] for r in rs], [r["p50_ms"] for r in rs], marker=".", linestyle=":",
-                      label=f"{s} p50")
+            x, c = [r["streams"] for r in rs], f"C{k}"
+            ax_t.plot(x, [r["throughput_rps"] for r in rs], marker="o", color=c, label=s)
+            ax_l.plot(x, [r["p99_ms"] for r in rs], marker="o", color=c, label=f"{s} p99")
+            ax_l.plot(x, [r["p50_ms"] for r in rs], marker=".", linestyle=":", color=c, label=f"{s} p50")
         ax_t.set(xlabel="concurrent device streams", ylabel="answers/s (median over rounds)")
         ax_l.set(xlabel="concurrent device streams", ylabel="latency ms", yscale="log")
         ax_t.legend(fontsize=7)

@@ -12,8 +12,10 @@ one place (``edgeexit.runtime.status``).
     ├── ConfigError          bad options, profiles, configs or datasets (incl. a missing dataset)
     ├── OffloadError         the cloud could not finish a request
     │   ├── LinkTimeout      the deadline passed before the answer arrived
-    │   └── PeerUnavailable  the service is unreachable, refused us, or the circuit is open
-    │       └── PeerRefused  it refused our credentials (token, TLS): a config mistake, not an outage
+    │   ├── PeerUnavailable  the service is unreachable, refused us, or the circuit is open
+    │   │   └── PeerRefused  it refused our credentials (token, TLS): a config mistake, not an outage
+    │   ├── Overloaded       the service's queue is full: refused at once, retry later or elsewhere
+    │   └── BundleMismatch   the service runs another bundle than the device (a half-finished rollout)
     └── InvalidTensor        a tensor is malformed: wrong shape, dtype, byte count, NaN/inf, bad quantisation
 """
 
@@ -63,6 +65,20 @@ class PeerRefused(PeerUnavailable):
     def __init__(self, message: str, reason: str = "auth"):
         super().__init__(message)
         self.reason = reason
+
+
+class Overloaded(OffloadError):
+    """The service's queue is full (``edgeexit serve --max-queue``); it refused the request without queueing it,
+    so the device can answer locally at once. Retry later, elsewhere, or add replicas."""
+
+
+class BundleMismatch(OffloadError):
+    """The request names a bundle (its digest, request parameter ``edgeexit.bundle``) other than the one the
+    service runs: answers would be wrong. ``served`` is the service's digest ("" when unknown)."""
+
+    def __init__(self, message: str, served: str = ""):
+        super().__init__(message)
+        self.served = served
 
 
 class InvalidTensor(EdgeExitError):

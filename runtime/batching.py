@@ -5,6 +5,12 @@ batch holds ``max_batch_size`` rows or ``max_delay_ms`` has passed since the fir
 batch once and splits the outputs back by row offsets. While a batch computes, the next one queues up, so
 under load batches fill without waiting for the delay. Each caller also learns when its batch started and how
 long the batch ran, so the service can report queue and compute time per request.
+
+Fleet safety: the queue is bounded (``max_queue`` rows waiting; a request that does not fit fails at once with
+``Overloaded``, so a device falls back instead of waiting out its deadline; a request is always admitted into an
+empty queue, however many rows it has), and a request whose ``deadline`` (a ``time.monotonic()`` instant) has
+passed is dropped with ``LinkTimeout`` before any batch computes it: its client has gone. With batching off,
+requests run in the callers' threads, and the same bound counts the rows in flight.
 """
 
 from __future__ import annotations
@@ -18,21 +24,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeexit.errors import ConfigError
+from edgeexit.errors import ConfigError, LinkTimeout, Overloaded
 
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+DropFn = Callable[[str], None]  # called once per request refused or dropped, with the reason ("overloaded", "deadline")
 
 
 @dataclass
 class BatchOptions:
     max_batch_size: int = 16  # rows per batch; 1 turns batching off (every request runs on its own)
     max_delay_ms: float = 2.0  # how long the first request of a batch may wait for company
+    max_queue: int = 256  # rows waiting (in flight with batching off) before new requests get Overloaded
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ConfigError("--max-batch-size must be at least 1 (1 turns batching off)")
         if self.max_delay_ms < 0:
             raise ConfigError("--max-batch-delay-ms must not be negative")
+        if self.max_queue < 1:
+            raise ConfigError("--max-queue must be at least 1 (rows waiting before new requests are refused)")
 
     @property
     def enabled(self) -> bool:
@@ -52,14 +62,22 @@ class Batched:
 class _Item:
     x: np.ndarray
     future: Future
+    deadline: float | None  # time.monotonic() after which nobody waits for the answer
+
+
+def _expired(deadline: float | None, now: float) -> bool:
+    return deadline is not None and now >= deadline
 
 
 class DynamicBatcher:
     """Groups ``submit`` calls into batches for ``run`` (a function of a batch array to named outputs)."""
 
     def __init__(self, run: RunFn, options: BatchOptions, on_batch: Callable[[int], None] | None = None,
-                 name: str = "model"):
-        self._run, self.options, self._on_batch = run, options, on_batch
+                 name: str = "model", on_drop: DropFn | None = None):
+        self._run, self.options, self._on_batch, self._on_drop = run, options, on_batch, on_drop
+        self.name = name
+        self._lock = threading.Lock()
+        self._waiting = 0  # rows admitted and not yet started (batching off: not yet finished)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._carry: _Item | None = None  # a request that did not fit into the previous batch
         self._closed = False
@@ -68,19 +86,59 @@ class DynamicBatcher:
             self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
             self._thread.start()
 
-    def submit(self, x: np.ndarray, timeout: float | None = None) -> Batched:
-        """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output, with timing."""
+    @property
+    def waiting_rows(self) -> int:
+        """Rows admitted and not yet started (with batching off: not yet finished)."""
+        return self._waiting
+
+    def submit(self, x: np.ndarray, timeout: float | None = None, deadline: float | None = None) -> Batched:
+        """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output, with timing.
+
+        Raises ``Overloaded`` at once when the queue is full, ``LinkTimeout`` when ``deadline`` (monotonic) passes
+        before its batch starts."""
+        rows = len(x)
         if not self.options.enabled:
-            if self._on_batch:
-                self._on_batch(1)
-            started = time.perf_counter()
-            outputs = self._run(x)
-            return Batched(outputs, started, time.perf_counter() - started)
+            self._admit(rows)
+            try:
+                if _expired(deadline, time.monotonic()):
+                    self._drop("deadline")
+                    raise self._timeout()
+                if self._on_batch:
+                    self._on_batch(1)
+                started = time.perf_counter()
+                outputs = self._run(x)
+                return Batched(outputs, started, time.perf_counter() - started)
+            finally:
+                with self._lock:
+                    self._waiting -= rows
         if self._closed:
             raise RuntimeError("batcher is closed")
-        item = _Item(x, Future())
+        item = _Item(x, Future(), deadline)
+        self._admit(rows)
         self._queue.put(item)
         return item.future.result(timeout)
+
+    def _admit(self, rows: int) -> None:
+        with self._lock:
+            waiting = self._waiting
+            # An empty queue takes any request: a bound below --max-batch-rows must not refuse big ones forever.
+            if waiting and waiting + rows > self.options.max_queue:
+                full = True
+            else:
+                full = False
+                self._waiting += rows
+        if full:
+            self._drop("overloaded")
+            raise Overloaded(f"the service is overloaded ({waiting} rows queued for {self.name}, --max-queue "
+                             f"{self.options.max_queue}); retry later or add replicas")
+
+    def _drop(self, reason: str) -> None:
+        if self._on_drop:
+            self._on_drop(reason)
+
+    def _timeout(self) -> LinkTimeout:
+        return LinkTimeout(f"{self.name}: the request's deadline passed while it waited in the queue; it was not "
+                           "computed (the client has given up). Give requests a longer deadline or add replicas")
 
     def close(self) -> None:
         """Finish queued work, then stop the worker."""
@@ -106,6 +164,9 @@ class DynamicBatcher:
                 break
             if item is None:
                 return batch, True
+            if _expired(item.deadline, time.monotonic()):
+                self._expire([item])  # takes no room in the batch
+                continue
             if rows + len(item.x) > self.options.max_batch_size or item.x.shape[1:] != first.x.shape[1:]:
                 self._carry = item  # starts the next batch
                 break
@@ -127,7 +188,21 @@ class DynamicBatcher:
             stopping = stopping or saw_stop
             self._execute(batch)
 
+    def _expire(self, items: list[_Item]) -> None:
+        with self._lock:
+            self._waiting -= sum(len(it.x) for it in items)
+        for it in items:
+            self._drop("deadline")
+            it.future.set_exception(self._timeout())
+
     def _execute(self, batch: list[_Item]) -> None:
+        now = time.monotonic()  # the last moment to spare the CPU for clients that have gone
+        self._expire([it for it in batch if _expired(it.deadline, now)])
+        batch = [it for it in batch if not _expired(it.deadline, now)]
+        if not batch:
+            return
+        with self._lock:
+            self._waiting -= sum(len(it.x) for it in batch)
         if self._on_batch:
             self._on_batch(len(batch))
         started = time.perf_counter()

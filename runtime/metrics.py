@@ -21,6 +21,9 @@ class ServerMetrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(f"{prefix}_batch_size", "Requests run together in one batch",
                                     ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.dropped = Counter(f"{prefix}_server_dropped", "Requests refused or dropped before compute, by reason "
+                               "(overloaded: queue full; deadline: the client's deadline passed while queued)",
+                               ["reason"], registry=self.registry)
         self._http = None
 
     def observe_request(self, model: str, code: str, seconds: float) -> None:
@@ -31,6 +34,9 @@ class ServerMetrics:
 
     def observe_batch(self, model: str, requests: int) -> None:
         self.batch_size.labels(model=model).observe(requests)
+
+    def observe_drop(self, reason: str) -> None:
+        self.dropped.labels(reason=reason).inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """One sample's current value (0 when absent): for tests and benchmarks."""

@@ -40,6 +40,11 @@ P_MAX_BATCH_ROWS = "edgeexit.max_batch_rows"
 # skip them, MLServer-dialect clients read them as `parameters`, and metadata_params_from_pb reads them here.
 _METADATA_PARAMS_FIELD = 6
 
+# Request parameter (string): the digest of the bundle the sender runs (``Bundle.digest``). `edgeexit serve` refuses
+# a request naming another bundle (FAILED_PRECONDITION) and serves one without it. A parameter, not model_version:
+# Triton's model versions must be integers, and the agent talks to Triton and to serve alike.
+P_BUNDLE = "edgeexit.bundle"
+
 # Response parameters with the server's own time for a request, int64 microseconds (KServe's InferParameter
 # has no double): queue = arrival at the model until its batch starts running; compute = the batch's run time.
 P_QUEUE_US = "edgeexit.queue_us"
@@ -103,6 +108,8 @@ class InferRequest:
     params: dict[str, ParamValue] = field(default_factory=dict)
     id: str = ""
     outputs: list[str] = field(default_factory=list)  # requested outputs; empty means all
+    version: str = ""  # the request's model_version ("" = whichever the server serves)
+    deadline: float | None = None  # time.monotonic() when the client stops waiting; None = no deadline
 
 
 @dataclass
@@ -168,15 +175,16 @@ def request_from_pb(req: pb.ModelInferRequest) -> InferRequest:
         data = raw[i] if raw else _typed_contents_bytes(t)
         inputs[t.name] = InputTensor(t.datatype, [int(d) for d in t.shape], data, params_from_pb(t.parameters))
     return InferRequest(model=req.model_name, inputs=inputs, params=params_from_pb(req.parameters), id=req.id,
-                        outputs=[o.name for o in req.outputs])
+                        outputs=[o.name for o in req.outputs], version=req.model_version)
 
 
-def response_to_pb(model: str, request_id: str, resp: InferResponse, wanted: list[str]) -> pb.ModelInferResponse:
+def response_to_pb(model: str, request_id: str, resp: InferResponse, wanted: list[str],
+                   version: str = "1") -> pb.ModelInferResponse:
     names = wanted or list(resp.outputs)
     missing = [n for n in names if n not in resp.outputs]
     if missing:
         raise InvalidTensor(f"requested outputs {missing} do not exist; this model has {sorted(resp.outputs)}")
-    out = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    out = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     params_to_pb(resp.params, out.parameters)
     for name in names:
         arr = np.ascontiguousarray(resp.outputs[name])

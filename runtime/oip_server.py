@@ -9,6 +9,13 @@ Every RPC is registered without a request deserializer and parses its bytes itse
 request its deserializer refuses with INTERNAL, logs a traceback and keeps ~16 KB per such request. Parsing
 here answers INVALID_ARGUMENT and keeps nothing. Prometheus ``/metrics`` is plain HTTP without auth, so it
 binds to ``metrics_host`` (loopback by default), whatever the gRPC ``host``.
+
+Versions: a handler with a ``version`` (the cloud service: its bundle digest) reports it as the response's
+``model_version`` and accepts a request's model_version of "", "1" or that version; any other is NOT_FOUND, as
+Triton answers for a version it does not serve (ModelReady says not ready). The client's deadline travels into
+the handler as ``InferRequest.deadline``; a request whose deadline passed while it waited for a worker thread
+is dropped before decoding (DEADLINE_EXCEEDED, ``edgeexit_server_dropped_total{reason="deadline"}``).
+Keepalive (``KEEPALIVE_OPTIONS``): see the comments there.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edgeexit.errors import ConfigError, InvalidTensor
+from edgeexit.errors import ConfigError, InvalidTensor, LinkTimeout
 from edgeexit.runtime.metrics import ServerMetrics
 from edgeexit.runtime.oip_messages import (
     InferRequest,
@@ -51,10 +58,26 @@ RPCS: tuple[tuple[str, type[Message], type[Message]], ...] = (
     ("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse),
 )
 
+# HTTP/2 keepalive. Cellular NATs and cloud load balancers drop idle connections silently; pings keep them open
+# and find dead ones. gRPC's server defaults refuse client pings more often than every 5 min, or any ping without
+# a call in flight, and answer them with GOAWAY "too_many_pings": the agent (pinging every ~30 s, also when idle)
+# would lose its channel. So: accept client pings down to every 0.5 s, also with no call in flight; ping idle
+# clients every 60 s ourselves and drop a connection whose ping goes unanswered for 20 s.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),  # our own pings to the client, every 60 s
+    ("grpc.keepalive_timeout_ms", 20_000),  # an unanswered ping for 20 s closes the connection
+    ("grpc.keepalive_permit_without_calls", 1),  # accept (and send) pings on connections without calls
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),  # client pings closer than this are "strikes"
+    ("grpc.http2.max_pings_without_data", 0),  # no cap on our pings between data frames
+)
+_NO_DEADLINE_S = 1e8  # grpcio reports "no deadline" as a time_remaining of ~inf or years
+
 
 @runtime_checkable
 class ModelHandler(Protocol):
-    """One servable model. ``infer`` raises edgeexit errors for bad requests (mapped to statuses)."""
+    """One servable model. ``infer`` raises edgeexit errors for bad requests (mapped to statuses).
+
+    Optionally a ``version: str`` attribute: the only model_version served besides "" and "1" (see above)."""
 
     name: str
 
@@ -106,10 +129,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics or ServerMetrics()
         self.name, self.version = name, version
 
-    def handler(self, model: str) -> ModelHandler:
+    def handler(self, model: str, version: str = "") -> ModelHandler:
         h = self.handlers.get(model)
         if h is None:
             raise ModelNotFound(f"model {clip(model)} is not served here; available: {sorted(self.handlers)}")
+        if not _serves_version(h, version):
+            raise ModelNotFound(f"version {clip(version)} of model {clip(model)} is not served; served: "
+                                f"[{h.version}]; leave model_version empty (or send that one)")  # type: ignore[attr-defined]
         return h
 
     @grpc_status
@@ -123,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_status
     def ModelReady(self, request, context):
         h = self.handlers.get(request.name)
-        return pb.ModelReadyResponse(ready=bool(h is not None and h.ready()))
+        return pb.ModelReadyResponse(ready=bool(h is not None and _serves_version(h, request.version) and h.ready()))
 
     @grpc_status
     def ServerMetadata(self, request, context):
@@ -131,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_status
     def ModelMetadata(self, request, context):
-        return metadata_to_pb(self.handler(request.name).metadata())
+        return metadata_to_pb(self.handler(request.name, request.version).metadata())
 
     def ModelInfer(self, request, context):
         start = time.perf_counter()
@@ -142,8 +168,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except (ValueError, OverflowError) as e:  # e.g. typed contents out of the datatype's range
                 raise InvalidTensor(f"cannot decode the request's inputs: {e}; check each input's datatype "
                                     "and contents") from e
-            response = self.handler(decoded.model).infer(decoded)
-            return response_to_pb(decoded.model, decoded.id, response, decoded.outputs)
+            handler = self.handler(decoded.model, decoded.version)
+            decoded.deadline = self._deadline(context)
+            response = handler.infer(decoded)
+            return response_to_pb(decoded.model, decoded.id, response, decoded.outputs,
+                                  getattr(handler, "version", "1"))
         except Exception as e:  # noqa: BLE001 - every error becomes a status; the server keeps serving
             code, message = status_for(e)
         finally:
@@ -151,6 +180,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             label = request.model_name if request.model_name in self.handlers else UNKNOWN_MODEL
             self.metrics.observe_request(label, code.name, time.perf_counter() - start)
         context.abort(code, message)
+
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        """The client's deadline as a time.monotonic() instant (None: it set none); LinkTimeout if already past."""
+        time_remaining = getattr(context, "time_remaining", None)  # in-process test contexts may lack it
+        remaining = time_remaining() if callable(time_remaining) else None
+        if remaining is None or remaining > _NO_DEADLINE_S:
+            return None
+        if remaining <= 0:  # it waited for a worker thread until its client gave up: spare the decoding
+            self.metrics.observe_drop("deadline")
+            raise LinkTimeout("the request's deadline passed before a worker thread took it; it was not computed. "
+                              "Give requests a longer deadline, or add workers or replicas")
+        return time.monotonic() + remaining
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """Every RPC, taking the request as bytes (no deserializer) and parsing it in ``_parsing``."""
@@ -177,6 +218,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return method(request, context)
 
         return handle
+
+
+def _serves_version(h: ModelHandler, version: str) -> bool:
+    own = getattr(h, "version", None)
+    return own is None or version in ("", "1", own)
 
 
 class ServerHandle:
@@ -221,6 +267,7 @@ def build_server(handlers: list[ModelHandler], options: ServerOptions | None = N
         ("grpc.max_receive_message_length", options.max_message_bytes),
         ("grpc.max_send_message_length", options.max_message_bytes),
         ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else is serving on
+        *KEEPALIVE_OPTIONS,
     ]
     interceptors = [TokenInterceptor(options.token)] if options.token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="oip"),

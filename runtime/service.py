@@ -24,6 +24,18 @@ Every response carries the server's own time as int64 microsecond parameters: ``
 handler receiving the request, its tensor decoding included, until its batch starts running) and
 ``edgeexit.compute_us`` (that batch's run time, shared by every request batched with it), so the device can
 tell a slow link from a busy server.
+
+Identity: every model reports the bundle's digest (``Bundle.digest``) in ModelMetadata ``versions`` and as each
+response's ``model_version``. A request naming a bundle (string parameter ``edgeexit.bundle``, as the agent
+sends) other than the served one is refused with FAILED_PRECONDITION, whose message names the served digest's
+first 12 hex digits: answering it would be silently wrong after a half-finished rollout. A request without the
+parameter (tritonclient, KServe, curl) is served. A request's ``model_version`` may be "", "1" or the digest;
+any other is NOT_FOUND, as Triton answers for a version it does not serve.
+
+Fleet safety: the client's deadline reaches the batcher, which drops a request whose deadline passed before its
+batch starts (DEADLINE_EXCEEDED, never computed), and the queue is bounded (``BatchOptions.max_queue`` rows,
+``--max-queue``): a request that does not fit fails at once with RESOURCE_EXHAUSTED, so the device falls back
+instead of waiting out its deadline. Both count in ``edgeexit_server_dropped_total{reason}``.
 """
 
 from __future__ import annotations
@@ -35,12 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.bundle import BATCH, Bundle, TensorSpec
-from edgeexit.errors import ConfigError, InvalidTensor
+from edgeexit.errors import BundleMismatch, ConfigError, InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
 from edgeexit.runtime.metrics import ServerMetrics
 from edgeexit.runtime.oip_input import decode_input
 from edgeexit.runtime.oip_messages import (
+    P_BUNDLE,
     P_MAX_BATCH_ROWS,
     InferRequest,
     InferResponse,
@@ -49,6 +62,7 @@ from edgeexit.runtime.oip_messages import (
     TensorMeta,
 )
 from edgeexit.runtime.runner import SegmentRunner, check_tensor
+from edgeexit.runtime.status import mismatch_message
 
 
 @dataclass
@@ -86,8 +100,10 @@ class TailHandler:
         self.input_spec: TensorSpec = m.input if start == 0 else m.split_points[start - 1].tensor
         self.exits = [j for seg in m.segments[start:] for j in seg.exits]
         self.max_rows, self.max_bytes = options.max_batch_rows, options.max_message_bytes
+        self.version = m.model_digest()  # the only model_version served besides "" and "1" (see oip_server)
         on_batch = (lambda n: metrics.observe_batch(self.name, n)) if metrics else None
-        self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name)
+        on_drop = metrics.observe_drop if metrics else None
+        self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name, on_drop=on_drop)
 
     def metadata(self) -> ModelMetadata:
         datatype = "FP32"
@@ -95,7 +111,7 @@ class TailHandler:
         specs = {t.name: t for seg in self.runner.manifest.segments for t in seg.outputs}
         outputs = [TensorMeta(f"exit{j}", "FP32", _meta_shape(specs[f"exit{j}"].shape)) for j in self.exits]
         return ModelMetadata(self.name, inputs, outputs, platform=f"edgeexit_{self.runner.backend}",
-                             params={P_MAX_BATCH_ROWS: self.max_rows})
+                             versions=[self.version], params={P_MAX_BATCH_ROWS: self.max_rows})
 
     def ready(self) -> bool:
         return True
@@ -111,9 +127,21 @@ class TailHandler:
         check_tensor(x, self.input_spec)
         return x
 
+    def check_bundle(self, request: InferRequest) -> None:
+        """Refuse a request naming another bundle (BundleMismatch); one naming none is served."""
+        sent = request.params.get(P_BUNDLE)
+        if sent is None:
+            return
+        if not isinstance(sent, str):
+            raise InvalidTensor(f"request parameter {P_BUNDLE!r} must be a string (the bundle's sha256 digest), "
+                                f"got {type(sent).__name__}")
+        if sent.strip().lower() != self.version:
+            raise BundleMismatch(mismatch_message(self.name, self.version, sent), served=self.version)
+
     def infer(self, request: InferRequest) -> InferResponse:
         arrived = time.perf_counter()
-        done = self.batcher.submit(self.decode(request))
+        self.check_bundle(request)
+        done = self.batcher.submit(self.decode(request), deadline=request.deadline)
         for name, out in done.outputs.items():  # this request's rows only: a batch-mate's input is not its fault
             if not np.isfinite(out).all():
                 raise InvalidTensor(f"{self.name}: the input drives the model to non-finite outputs ({name} has "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,11 +21,13 @@ import grpc
 
 from edgeexit.errors import (
     BundleError,
+    BundleMismatch,
     ConfigError,
     EdgeExitError,
     InvalidTensor,
     LinkTimeout,
     OffloadError,
+    Overloaded,
     PeerRefused,
     PeerUnavailable,
     ShapeError,
@@ -72,6 +75,8 @@ _SERVER_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidTensor, grpc.StatusCode.INVALID_ARGUMENT),
     (ShapeError, grpc.StatusCode.INVALID_ARGUMENT),
     (LinkTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # fail fast: the client falls back instead of waiting
+    (BundleMismatch, grpc.StatusCode.FAILED_PRECONDITION),  # the deployment, not the request, must change
     (OffloadError, grpc.StatusCode.UNAVAILABLE),
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -103,6 +108,16 @@ def grpc_status(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def mismatch_message(model: str, served: str, sent: str) -> str:
+    """The refusal of a request naming another bundle; ``error_for`` reads the served digest back from it."""
+    return (f"{model}: this service runs bundle {served[:12]}, the request names bundle {clip(sent[:12])}; their "
+            "answers differ. Roll the same bundle out to the device and the cloud (`edgeexit serve` prints its "
+            "digest at start)")
+
+
+_SERVED_DIGEST = re.compile(r"runs bundle ([0-9a-f]{12,64})")
+_OVERLOADED = "is overloaded"  # in Overloaded's message; gRPC's own RESOURCE_EXHAUSTED (message size) lacks it
+
 # grpcio reports a failed TLS handshake as UNAVAILABLE with this in the details ("Ssl handshake failed: ...").
 _TLS_FAILURE = "handshake failed"
 
@@ -119,6 +134,10 @@ def error_for(code: grpc.StatusCode, message: str) -> EdgeExitError:
                            "client certificate for mTLS)", "tls")
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerUnavailable(f"the cloud service is unavailable or refused us ({code.name}): {message}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERLOADED in message:
+        return Overloaded(f"the cloud service is overloaded: {message}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and (m := _SERVED_DIGEST.search(message)):
+        return BundleMismatch(f"the cloud runs another bundle: {message}", served=m.group(1))
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidTensor(f"the cloud rejected the tensor: {message}")
     return OffloadError(f"the cloud could not finish the request ({code.name}): {message}")

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows per dynamic batch; 1 = off (16)")
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0,
                    help="longest a request waits for others to batch with (2.0)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="rows that may wait per model (in flight with batching off); beyond it requests get "
+                        "RESOURCE_EXHAUSTED at once, so devices fall back instead of waiting (256)")
     p.add_argument("--max-batch-rows", type=int, default=256,
                    help="most rows one request may carry; more get INVALID_ARGUMENT before decoding, and "
                         "ModelMetadata shows it as parameter edgeexit.max_batch_rows (256)")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_message_mb <= 0 or args.threads < 1 or args.workers < 1:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")
-    batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms)
+    batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms, args.max_queue)
     metrics = ServerMetrics()
     max_bytes = int(args.max_message_mb * (1 << 20))  # also bounds every decoded (decompressed) tensor
     service = ServiceOptions(args.backend, args.threads, batching, args.fmt, args.max_batch_rows, max_bytes)
@@ -74,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     models = ", ".join(h.name for h in handlers)
     extra = f"; metrics on {args.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log = logging.getLogger("edgeexit.serve")
+    digest = handlers[0].version
     event(log, "ready", target=f"{args.host}:{server.port}", models=[h.name for h in handlers],
-          metrics_port=server.metrics_port)
-    print(f"serving {models}{extra}", flush=True)
+          metrics_port=server.metrics_port, bundle=digest)
+    print(f"serving {models} (bundle {digest}){extra}", flush=True)
     print(f"ready on {args.host}:{server.port}", flush=True)  # the line launchers wait for
     while not stop.wait(0.5):
         pass

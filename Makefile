@@ -82,6 +82,7 @@ bench: $(SETUP) $(MODEL) $(CAMERA_READY)
 	$(PY) benchmarks/tflite.py --model $(MODEL)
 	$(PY) benchmarks/wire.py --model $(MODEL)
 	$(PY) benchmarks/cloud.py --bundle $(CAMERA)
+	$(PY) benchmarks/robustness.py
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

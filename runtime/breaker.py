@@ -94,6 +94,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+        self._successes = 0
         self._lock = threading.Lock()
 
     @property
@@ -110,6 +111,11 @@ class CircuitBreaker:
         with self._lock:
             return None if self._state == CLOSED else self._reason
 
+    @property
+    def successes(self) -> int:
+        """Calls recorded as successes so far (a health check closing the circuit is not one)."""
+        return self._successes
+
     def allow(self) -> bool:
         """May a request go out now? In half-open state without health checks, one caller (the probe) gets True."""
         with self._lock:
@@ -122,6 +128,7 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         with self._lock:
+            self._successes += 1
             self._failures = 0
             self._probing = False
             changes = self._set(CLOSED)

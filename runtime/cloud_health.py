@@ -120,16 +120,23 @@ class HealthChecker:
             self._thread.join(timeout=self._timeout_s + 1.0)
 
     def _run(self) -> None:
-        delay = 0.0  # the start-up check runs at once
+        o = self._options
+        delay, successes = 0.0, None  # the start-up check runs at once
         while True:
             self._wake.wait()
             if self._stop.is_set():
                 return
             self._wake.clear()
-            self._until_healthy(delay)
-            delay = self._options.check_s
+            if successes is not None:
+                # Re-opened with no offload succeeding since a check closed it (e.g. a link that answers a check but
+                # is too slow for the deadline): keep backing off, up to cooldown_s, rather than flap every check_s.
+                flapping = self._breaker.successes == successes
+                delay = max(min(2 * delay, max(o.cooldown_s, o.check_max_s)) if flapping else 0.0, o.check_s)
+            delay = self._until_healthy(delay)
+            successes = self._breaker.successes
 
-    def _until_healthy(self, delay: float) -> None:
+    def _until_healthy(self, delay: float) -> float:
+        """Check until one passes (or close()); returns the wait before the passing check."""
         o = self._options
         while not self._stop.wait(delay):
             try:
@@ -142,4 +149,5 @@ class HealthChecker:
                     delay = min(max(2 * delay, o.check_s), o.check_max_s)
                 continue
             self._breaker.close_after_check()
-            return
+            return delay
+        return delay

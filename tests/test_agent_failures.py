@@ -142,6 +142,37 @@ def test_checks_back_off_longer_while_the_cloud_refuses_us(monkeypatch):
     assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.2, gaps  # not the link's 0.01-0.02 s
 
 
+def test_a_circuit_that_reopens_with_no_offload_succeeding_backs_off_instead_of_flapping():
+    """A link that answers a health check but fails every offload (too slow for the deadline) must not flip the
+    circuit every check_s; one real success starts the next outage from check_s again."""
+    options = BreakerOptions(failure_threshold=1, cooldown_s=0.2, check_s=0.02, check_max_s=0.04)
+    b = CircuitBreaker(options, health_checks=True)
+    checked = threading.Event()
+
+    def check(timeout: float) -> None:
+        checked.set()
+
+    checker = HealthChecker(b, check, options, timeout_s=0.1)
+    checker.start()
+    assert checked.wait(5)
+    waits = []
+    try:
+        for succeed_first in (False,) * 5 + (True,):
+            wait_for(lambda: b.state == CLOSED, 5, "closed")
+            if succeed_first:
+                b.record_success()
+            checked.clear()
+            t0 = time.monotonic()
+            b.record_failure(LinkTimeout("late"))
+            checker.wake()  # what the device runtime does when its circuit opens
+            assert checked.wait(5)
+            waits.append(time.monotonic() - t0)
+    finally:
+        checker.close()
+    assert waits[0] >= 0.02 and waits[1] >= 0.04 and waits[2] >= 0.08 and waits[4] >= 0.2, waits  # doubling to 0.2
+    assert waits[4] < 0.6 and waits[5] < 0.15, waits  # the cap, and back to check_s after a real success
+
+
 # ---- TLS refused, in process -----------------------------------------------------------------------------------------
 def test_a_failed_tls_handshake_is_a_refusal_said_once(agent_bundle, serve, pki, raw_batch, caplog):
     server = serve(ServerOptions(tls_cert=pki["server_cert"], tls_key=pki["server_key"]))

@@ -63,7 +63,7 @@ class InferenceClient:
             ("grpc.max_send_message_length", o.max_message_bytes),
             # Reconnect quickly after an outage: a channel that saw a dead server retries on a backoff (grpc's
             # default: 1 s growing to 120 s), and the breaker's health checks fail fast until it has reconnected.
-            # 0.1 s growing to 0.5 s (+20% jitter) keeps recovery within ~1.5 s of the link's return, at the
+            # 0.1 s growing to 0.5 s (+20% jitter) keeps recovery within ~1 s of the link's return, at the
             # cost of one TCP connect every 0.5 s while the cloud is down.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 500),

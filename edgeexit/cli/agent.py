@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="consecutive offload failures that open the circuit (default 3)")
     p.add_argument("--breaker-cooldown-s", type=float, default=5.0,
                    help="while the circuit is open the agent checks the cloud's health in the background (no user "
-                        "request is sent) and closes it as soon as a check passes: every 0.25 s doubling to 1 s "
+                        "request is sent) and closes it as soon as a check passes: after 0.25 s, then every 0.5 s "
                         "while unreachable; while the cloud refuses our token/TLS, from 1 s doubling to this many "
                         "seconds (default 5)")
     p.add_argument("--token-file", help="file holding the bearer token the cloud service requires")

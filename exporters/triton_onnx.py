@@ -13,7 +13,8 @@ to a request before the first segment becomes a prologue inside the graph, so th
   bundle's normalisation ``(x - mean) / std`` if it has one.
 
 zstd cannot work in this flavour: Triton gives an ONNX model the raw tensor bytes and nothing in the graph can
-decompress them. Devices must send uncompressed tensors to it; use the python-backend flavour for zstd.
+decompress them. Devices must send uncompressed tensors to it (so must they to the python flavour: Triton checks a
+tensor's byte count against its shape before any model runs).
 A Triton model has one datatype per input, so a repository serves each tail in one encoding.
 """
 

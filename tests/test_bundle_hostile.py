@@ -251,6 +251,19 @@ def test_evaluate_on_a_malformed_bundle_exits_2(bundle, capsys):
     assert err.startswith("edgeexit evaluate: error: manifest.json is malformed: input.shape[2]") and "\n" not in err
 
 
+def test_cli_prints_any_edgeexit_error_on_one_bounded_line(monkeypatch, capsys):
+    import edgeexit.cli.plan as plan
+
+    def boom(args: Any) -> int:
+        raise BundleError("first line\n  second line\n" + "x" * 5000)
+
+    monkeypatch.setattr(plan, "run", boom)
+    assert main(["plan", "some.edgeexit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeexit plan: error: first line / second line / xxx") and err.count("\n") == 1
+    assert len(err) < 2100 and "Traceback" not in err
+
+
 def _symlinked_file(b: Path) -> None:
     outside = b.parent.parent / "out" / "seg1.onnx"
     (b / "segments" / "seg1.onnx").rename(outside)

@@ -43,12 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except EdgeExitError as e:
-        print(f"edgeexit {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgeexit {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgeexit {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one bounded line (a message may quote a file or library text with newlines)."""
+    text = " / ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

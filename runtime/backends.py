@@ -6,10 +6,17 @@ LiteRT installed never imports onnxruntime, and the reverse.
 A segment file is untrusted input (its sha256 only says it is the file the manifest names): any failure to
 load it is a ``BundleError``, and an opened session whose inputs/outputs differ from the manifest's (names,
 order, ranks, fixed dims, dtypes where the format keeps them) is refused before it runs anything.
+
+Execution providers (the cloud side's ``--providers``): onnxruntime sessions open with the providers asked for
+that this onnxruntime build has, in the order asked, always ending with CPU (``resolve_providers``); one asked
+for but missing is said once at WARNING, and a session that did not get one it asked for (a GPU build without
+CUDA's libraries) says so too. The device never asks for anything but CPU.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +28,59 @@ from edgeexit.errors import BundleError, ConfigError, EdgeExitError
 
 # backend name -> the bundle format it runs
 BACKEND_FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
+# --providers names -> onnxruntime's execution providers; CPU always ends the list (the fallback)
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
+CPU = PROVIDERS["cpu"]
+_LABELS = {"cuda": "CUDA", "tensorrt": "TensorRT", "cpu": "CPU"}
+GPU_HINT = "install edgeexit[gpu] on a machine with CUDA 12; see the README's GPU section"
+# A provider asked for with its options, as onnxruntime takes it: a name, or (name, {"device_id": "1"}).
+Provider = str | tuple[str, dict[str, str]]
+log = logging.getLogger("edgeexit.runtime.backends")
+
+
+def parse_providers(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"cuda,tensorrt,cpu"`` (or a sequence of names) as validated names in order, without repeats."""
+    names = [n.strip().lower() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+    bad = [n for n in names if n not in PROVIDERS]
+    if bad or not names:
+        raise ConfigError(f"unknown execution provider {(bad or [''])[0]!r} in --providers; choose from "
+                          f"{', '.join(PROVIDERS)} (comma-separated, in order of preference, e.g. cuda,cpu)")
+    return tuple(dict.fromkeys(names))
+
+
+def resolve_providers(names: Sequence[str], available: Sequence[str] | None = None,
+                      device_id: int | None = None) -> list[Provider]:
+    """The onnxruntime providers to open sessions with: those of ``names`` this build has (``available``,
+    default ``onnxruntime.get_available_providers()``), in that order, then CPU. Each missing one is logged
+    at WARNING here (call this once per runner, so it is said once). ``device_id`` pins the GPU ones."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    chosen: list[Provider] = []
+    for name in parse_providers(names):
+        ep = PROVIDERS[name]
+        if ep == CPU:
+            continue
+        if ep not in available:
+            log.warning("%s requested but this onnxruntime has no %s (%s); falling back to %s", _LABELS[name], ep,
+                        GPU_HINT, _next_choice(names, name, available))
+            continue
+        chosen.append((ep, {"device_id": str(device_id)}) if device_id is not None else ep)
+    return [*chosen, CPU]
+
+
+def _next_choice(names: Sequence[str], missing: str, available: Sequence[str]) -> str:
+    """What runs instead of ``missing``: the next asked-for provider that this build has, else CPU."""
+    rest = list(parse_providers(names))
+    for n in rest[rest.index(missing) + 1:]:
+        if PROVIDERS[n] in available and n != "cpu":
+            return _LABELS[n]
+    return "CPU"
+
+
+def provider_names(providers: Sequence[Provider]) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 @dataclass(frozen=True)
@@ -73,9 +133,11 @@ class SegmentSession(Protocol):
 
 
 class OrtSession:
-    """An onnxruntime session pinned to a thread count (1 by default: a phone-class core)."""
+    """An onnxruntime session pinned to a thread count (1 by default: a phone-class core), on ``providers``
+    (onnxruntime's names, ``resolve_providers``; CPU by default). ``providers`` is what it really got."""
 
-    def __init__(self, path: Path, threads: int = 1, io: SegmentIO | None = None):
+    def __init__(self, path: Path, threads: int = 1, io: SegmentIO | None = None,
+                 providers: Sequence[Provider] = (CPU,)):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -85,12 +147,13 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
         except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile, ...: onnxruntime's own, not EdgeExitErrors
             raise BundleError(f"{Path(path).name} is not a loadable ONNX model ({_first_line(e)}); the bundle is "
                               "corrupt or hostile, re-export it") from None
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
+        self.providers: list[str] = list(self._sess.get_providers())
         if io is not None:
             check_io(Path(path), io, _ort_facts(self._sess.get_inputs()), _ort_facts(self._sess.get_outputs()))
 
@@ -99,10 +162,13 @@ class OrtSession:
 
 
 def open_session(path: Path, backend: str = "onnxruntime", threads: int = 1, fmt: str | None = None,
-                 io: SegmentIO | None = None) -> SegmentSession:
-    """Open one segment file with the named backend (``io``: the manifest's names/extra for that file)."""
+                 io: SegmentIO | None = None, providers: Sequence[Provider] = (CPU,)) -> SegmentSession:
+    """Open one segment file with the named backend (``io``: the manifest's names/extra for that file;
+    ``providers``: onnxruntime's execution providers, see ``resolve_providers``)."""
     if backend == "onnxruntime":
-        return OrtSession(path, threads, io)
+        return OrtSession(path, threads, io, providers)
+    if provider_names(providers) != [CPU]:
+        raise ConfigError(f"--providers is for the onnxruntime backend; {backend!r} runs on the CPU")
     if backend == "litert":
         from edgeexit.runtime.litert_backend import LiteRTSession
 

@@ -4,6 +4,8 @@ evaluate, profile, the agent and the cloud service.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,19 @@ import numpy as np
 
 from edgeexit.bundle import BATCH, Bundle, TensorSpec
 from edgeexit.errors import ConfigError, InvalidTensor
-from edgeexit.runtime.backends import BACKEND_FORMATS, SegmentIO, SegmentSession, open_session
+from edgeexit.logs import event
+from edgeexit.runtime.backends import (
+    BACKEND_FORMATS,
+    CPU,
+    GPU_HINT,
+    SegmentIO,
+    SegmentSession,
+    open_session,
+    provider_names,
+    resolve_providers,
+)
+
+log = logging.getLogger("edgeexit.runtime.runner")
 
 
 @dataclass
@@ -43,10 +57,14 @@ def normalize(x: np.ndarray, norm: dict[str, list[float]] | None) -> np.ndarray:
 
 
 class SegmentRunner:
-    """Runs segments of a bundle. Sessions open lazily, so a tail-only server never loads the head."""
+    """Runs segments of a bundle. Sessions open lazily, so a tail-only server never loads the head.
+
+    ``providers``: the execution providers asked for (``--providers`` names, e.g. ``("cuda", "cpu")``; CPU by
+    default, as on every device), resolved once against this onnxruntime (``backends.resolve_providers``);
+    ``device_id`` pins the GPU ones (a Triton instance's GPU)."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "onnxruntime", threads: int = 1,
-                 fmt: str | None = None):
+                 fmt: str | None = None, providers: Sequence[str] = ("cpu",), device_id: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if backend not in BACKEND_FORMATS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FORMATS)}")
@@ -57,6 +75,14 @@ class SegmentRunner:
             raise ConfigError(f"backend {backend!r} runs {BACKEND_FORMATS[backend]}* formats, not {self.fmt!r}; "
                               f"pick a matching --backend or format")
         self.manifest = self.bundle.manifest
+        if isinstance(providers, str):
+            providers = providers.split(",")
+        gpu = [p for p in providers if p.strip().lower() != "cpu"]  # the CPU-only default needs no onnxruntime
+        if gpu and backend != "onnxruntime":
+            raise ConfigError(f"--providers {','.join(providers)} is for the onnxruntime backend; {backend!r} "
+                              "runs on the CPU")
+        self.providers = resolve_providers(providers, device_id=device_id) if gpu else [CPU]
+        self.session_providers: list[str] | None = None  # what the last opened onnxruntime session got
         self._sessions: dict[int, SegmentSession] = {}
         self._steps: dict[int, tuple[SegmentSession, str, list[int], bool]] = {}
 
@@ -70,8 +96,22 @@ class SegmentRunner:
             seg = self.manifest.segments[k]
             io = SegmentIO([t.name for t in seg.inputs], [t.name for t in seg.outputs], seg.files[self.fmt].extra,
                            seg.inputs, seg.outputs)
-            self._sessions[k] = open_session(path, self.backend, self.threads, self.fmt, io)
+            self._sessions[k] = open_session(path, self.backend, self.threads, self.fmt, io, self.providers)
+            self._log_providers(k)
         return self._sessions[k]
+
+    def _log_providers(self, k: int) -> None:
+        """Say which providers a session really got (first session, and any that differ): a GPU build of
+        onnxruntime without CUDA's libraries lists CUDA as available, then runs the session on the CPU."""
+        got = getattr(self._sessions[k], "providers", None)
+        said, self.session_providers = self.session_providers, got
+        if got is None or got == said or provider_names(self.providers) == [CPU]:
+            return
+        event(log, "session_providers", segment=k, requested=provider_names(self.providers), providers=got)
+        lost = [p for p in provider_names(self.providers) if p not in got]
+        if lost:
+            log.warning("segment %d asked onnxruntime for %s but runs on %s (its libraries failed to load: %s); "
+                        "falling back to CPU", k, lost, got, GPU_HINT)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """Apply the manifest's input normalisation (if any) to raw inputs."""

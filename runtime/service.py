@@ -73,6 +73,7 @@ class ServiceOptions:
     fmt: str | None = None  # exported variant, e.g. "tflite-int8-static"; None = the backend's fp32 format
     max_batch_rows: int = 256  # rows one request may carry (--max-batch-rows)
     max_message_bytes: int = codec.MAX_DECODED_BYTES  # largest decoded tensor: the server's --max-message-mb
+    providers: tuple[str, ...] = ("cpu",)  # onnxruntime execution providers in order (--providers), CPU last
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1:
@@ -163,7 +164,8 @@ def build_handlers(bundle: Bundle | str | Path, options: ServiceOptions | None =
                    metrics: ServerMetrics | None = None) -> list[TailHandler]:
     """One handler for the whole model and one per split point, sharing one runner (sessions open lazily)."""
     options = options or ServiceOptions()
-    runner = SegmentRunner(bundle, backend=options.backend, threads=options.threads, fmt=options.fmt)
+    runner = SegmentRunner(bundle, backend=options.backend, threads=options.threads, fmt=options.fmt,
+                           providers=options.providers)
     for k in range(runner.num_segments):
         runner.session(k)  # open every session now: no first-request stall, no racing lazy opens
     return [TailHandler(runner, start, options, metrics) for start in range(runner.num_segments)]

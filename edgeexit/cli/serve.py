@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest request/response in MiB; larger ones get RESOURCE_EXHAUSTED (64)")
     add_backend_args(p)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per segment session (1)")
+    p.add_argument("--providers", default="cpu",
+                   help="onnxruntime execution providers in order of preference, from cuda, tensorrt, cpu (e.g. "
+                        "cuda,cpu); those this onnxruntime lacks are skipped with a warning, CPU is always the "
+                        "fallback; GPUs need edgeexit[gpu] (default cpu)")
     p.add_argument("--drain-seconds", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight requests may take to finish (10)")
     p.set_defaults(func=run)
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edgeexit.errors import ConfigError
     from edgeexit.logs import event
+    from edgeexit.runtime.backends import parse_providers
     from edgeexit.runtime.batching import BatchOptions
     from edgeexit.runtime.metrics import ServerMetrics
     from edgeexit.runtime.oip_server import ServerOptions, build_server
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms, args.max_queue)
     metrics = ServerMetrics()
     max_bytes = int(args.max_message_mb * (1 << 20))  # also bounds every decoded (decompressed) tensor
-    service = ServiceOptions(args.backend, args.threads, batching, args.fmt, args.max_batch_rows, max_bytes)
+    service = ServiceOptions(args.backend, args.threads, batching, args.fmt, args.max_batch_rows, max_bytes,
+                             providers=parse_providers(args.providers))
     handlers = build_handlers(args.bundle, service, metrics)
     options = ServerOptions(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("edgeexit.serve")
     digest = handlers[0].version
     event(log, "ready", target=f"{args.host}:{server.port}", models=[h.name for h in handlers],
-          metrics_port=server.metrics_port, bundle=digest)
+          metrics_port=server.metrics_port, bundle=digest, providers=handlers[0].runner.session_providers)
     print(f"serving {models} (bundle {digest}){extra}", flush=True)
     print(f"ready on {args.host}:{server.port}", flush=True)  # the line launchers wait for
     while not stop.wait(0.5):

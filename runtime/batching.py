@@ -1,9 +1,11 @@
 """Dynamic batching: concurrent requests for one model run together, and each caller gets its own rows.
 
-A single worker thread per model takes the first waiting request, then keeps collecting requests until the
-batch holds ``max_batch_size`` rows or ``max_delay_ms`` has passed since the first one arrived, runs the
-batch once and splits the outputs back by row offsets. While a batch computes, the next one queues up, so
-under load batches fill without waiting for the delay. Each caller also learns when its batch started and how
+A worker thread per model takes the first waiting request, then keeps collecting requests until the batch
+holds ``max_batch_size`` rows or ``max_delay_ms`` has passed since the first one arrived, runs the batch once
+and splits the outputs back by row offsets. While a batch computes, the next one queues up, so under load
+batches fill without waiting for the delay. ``instances`` workers (Triton's instance count) take turns
+collecting and run their batches at the same time: one worker with a one-thread session leaves the other cores
+idle, while unbatched requests run on every gRPC thread at once. Each caller also learns when its batch started and how
 long the batch ran, so the service can report queue and compute time per request.
 
 Fleet safety: the queue is bounded (``max_queue`` rows waiting; a request that does not fit fails at once with
@@ -35,6 +37,7 @@ class BatchOptions:
     max_batch_size: int = 16  # rows per batch; 1 turns batching off (every request runs on its own)
     max_delay_ms: float = 2.0  # how long the first request of a batch may wait for company
     max_queue: int = 256  # rows waiting (in flight with batching off) before new requests get Overloaded
+    instances: int = 1  # batches computed at the same time (worker threads sharing the model's sessions)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -43,6 +46,8 @@ class BatchOptions:
             raise ConfigError("--max-batch-delay-ms must not be negative")
         if self.max_queue < 1:
             raise ConfigError("--max-queue must be at least 1 (rows waiting before new requests are refused)")
+        if self.instances < 1:
+            raise ConfigError("--instances must be at least 1 (batches computed at the same time)")
 
     @property
     def enabled(self) -> bool:
@@ -80,11 +85,15 @@ class DynamicBatcher:
         self._waiting = 0  # rows admitted and not yet started (batching off: not yet finished)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._carry: _Item | None = None  # a request that did not fit into the previous batch
+        self._collecting = threading.Lock()  # one worker gathers a batch at a time; running them overlaps
+        self._stopping = False
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if options.enabled:
-            self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                             for i in range(options.instances)]
+            for t in self._threads:
+                t.start()
 
     @property
     def waiting_rows(self) -> int:
@@ -142,10 +151,11 @@ class DynamicBatcher:
 
     def close(self) -> None:
         """Finish queued work, then stop the worker."""
-        if self._thread is not None and not self._closed:
+        if self._threads and not self._closed:
             self._closed = True
             self._queue.put(None)
-            self._thread.join(timeout=10)
+            for t in self._threads:
+                t.join(timeout=10)
 
     def _next(self, timeout: float | None) -> _Item | None:
         if self._carry is not None:
@@ -175,17 +185,19 @@ class DynamicBatcher:
         return batch, False
 
     def _loop(self) -> None:
-        stopping = False
-        while not stopping or self._carry is not None:
-            try:
-                first = self._next(None if not stopping else 0)
-            except queue.Empty:
-                break
-            if first is None:
-                stopping = True
-                continue
-            batch, saw_stop = self._collect(first)
-            stopping = stopping or saw_stop
+        while True:
+            with self._collecting:
+                if self._stopping and self._carry is None and self._queue.empty():
+                    return
+                try:
+                    first = self._next(0 if self._stopping else None)
+                except queue.Empty:
+                    return
+                if first is None:  # the stop marker: finish what is queued, then every worker returns
+                    self._stopping = True
+                    continue
+                batch, saw_stop = self._collect(first)
+                self._stopping = self._stopping or saw_stop
             self._execute(batch)
 
     def _expire(self, items: list[_Item]) -> None:

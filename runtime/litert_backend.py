@@ -10,6 +10,7 @@ dequantised with the model's own scale/zero-point, so callers always exchange fl
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class LiteRTSession:
         self._dynamic_batch = signature[0] == -1 or bool(extra.get("resizable"))
         self._fixed_batch = max(1, signature[0])
         self._allocated_batch: int | None = None
+        self._lock = threading.Lock()
         self.path = path
         self._ranks = ([len(signature)], [len(out_details[k]["shape_signature"]) for k in sig_out])
 
@@ -152,14 +154,16 @@ class LiteRTSession:
 
     def _invoke(self, x: np.ndarray) -> list[np.ndarray]:
         batch = x.shape[0]
-        if self._allocated_batch != batch:
-            if self._dynamic_batch:
-                self._interp.resize_tensor_input(self._input.index, list(x.shape), strict=False)
-            self._interp.allocate_tensors()
-            self._allocated_batch = batch
-        self._interp.set_tensor(self._input.index, self._to_model(x))
-        self._interp.invoke()
-        return [self._from_model(self._interp.get_tensor(p.index), p) for p in self._outputs]
+        # An interpreter holds one set of tensors: concurrent callers (gRPC threads, batcher instances) take turns.
+        with self._lock:
+            if self._allocated_batch != batch:
+                if self._dynamic_batch:
+                    self._interp.resize_tensor_input(self._input.index, list(x.shape), strict=False)
+                self._interp.allocate_tensors()
+                self._allocated_batch = batch
+            self._interp.set_tensor(self._input.index, self._to_model(x))
+            self._interp.invoke()
+            return [self._from_model(self._interp.get_tensor(p.index), p) for p in self._outputs]
 
     def _to_model(self, x: np.ndarray) -> np.ndarray:
         p = self._input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, default=256,
                    help="most rows one request may carry; more get INVALID_ARGUMENT before decoding, and "
                         "ModelMetadata shows it as parameter edgeexit.max_batch_rows (256)")
+    p.add_argument("--instances", type=int,
+                   help="batches of one model computed at the same time, like Triton's instance count (default: "
+                        "cores / --threads, so batching uses every core as unbatched requests do)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (16)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_message_mb <= 0 or args.threads < 1 or args.workers < 1:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")
-    batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms, args.max_queue)
+    instances = args.instances if args.instances is not None else max(1, (os.cpu_count() or 1) // args.threads)
+    batching = BatchOptions(args.max_batch_size, args.max_batch_delay_ms, args.max_queue, instances)
     metrics = ServerMetrics()
     max_bytes = int(args.max_message_mb * (1 << 20))  # also bounds every decoded (decompressed) tensor
     service = ServiceOptions(args.backend, args.threads, batching, args.fmt, args.max_batch_rows, max_bytes,

@@ -17,12 +17,17 @@ Never imports torch.
 
 Readiness when the cloud is not usable: the agent still answers every request on the device, so ServerReady and
 ModelReady stay true. What the cloud does shows in (1) gRPC health: service ``edgeexit.cloud`` is SERVING while
-offloads work, NOT_SERVING while the cloud is unreachable or refuses our token/TLS, UNKNOWN until the first
-check (absent when the agent runs device-only); (2) one WARNING line per change (``cloud_refused`` with reason
-auth|tls, ``cloud_unreachable``, ``cloud_ok``; see runtime/cloud_health.py); (3) metrics:
+offloads work, NOT_SERVING while the cloud is unreachable or refuses our token/TLS/bundle, UNKNOWN until the
+first check (absent when the agent runs device-only); (2) one WARNING line per change (``cloud_refused`` with
+reason auth|tls|bundle, ``cloud_unreachable``, ``cloud_ok``; see runtime/cloud_health.py); (3) metrics:
 ``edgeexit_agent_cloud_errors_total{reason}`` counts every failed cloud call, offloads and background checks
-(reason auth, tls, unavailable, timeout, error) and ``edgeexit_agent_cloud_status`` is 1 ok, 0 unknown,
--1 unreachable, -2 refused.
+(reason auth, tls, bundle, overloaded, unavailable, timeout, error) and ``edgeexit_agent_cloud_status`` is 1 ok,
+0 unknown, -1 unreachable, -2 refused. "bundle": the cloud runs another bundle than this device (the agent names
+its digest on every request: a half-finished rollout), so rows are answered on the device; the log line carries
+both digests. "overloaded": the service's queue was full and the request fell back at once (not a status).
+
+Bounds on what apps send, checked on the declared shape before anything is decompressed or run: at most
+``max_batch_rows`` rows per request and ``max_message_bytes`` per message and per decoded tensor, as serve does.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ CLOUD_STATUS = {"ok": 1, "unknown": 0, "unreachable": -1, "refused": -2}
 # The device runtime logs these itself (WARNING, once per change); the agent only turns them into health/metrics.
 CLOUD_EVENTS = {"cloud_ok": "ok", "cloud_unreachable": "unreachable", "cloud_refused": "refused"}
 INPUT_DATATYPES = ("FP32", "FP16")  # raw [0, 1] pixels
+MAX_BATCH_ROWS = 256  # the default rows per app request, as `edgeexit serve --max-batch-rows`
 log = logging.getLogger(__name__)
 
 
@@ -78,8 +84,9 @@ class AgentMetrics:
 class AgentHandler:
     """ModelHandler for the generic OIP server: decodes the app's tensor, runs the DeviceRuntime."""
 
-    def __init__(self, runtime: DeviceRuntime):
+    def __init__(self, runtime: DeviceRuntime, max_rows: int = MAX_BATCH_ROWS, max_bytes: int = 64 << 20):
         self.runtime = runtime
+        self.max_rows, self.max_bytes = max_rows, max_bytes
         self.name = runtime.model_name
         self.metrics: AgentMetrics | None = None
 
@@ -97,7 +104,9 @@ class AgentHandler:
         return True
 
     def infer(self, request: InferRequest) -> InferResponse:
-        x = decode_input(request, self.name, self.runtime.manifest.input.name, INPUT_DATATYPES)
+        inp = self.runtime.manifest.input
+        x = decode_input(request, self.name, inp.name, INPUT_DATATYPES, shape=inp.shape, max_rows=self.max_rows,
+                         max_bytes=self.max_bytes)
         res = self.runtime.infer(x)
         lat = res.latency
         params: dict[str, Any] = {
@@ -141,11 +150,20 @@ class AgentOptions:
     listen: str = "127.0.0.1:8001"  # HOST:PORT (port 0 picks one) or unix:PATH
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # /metrics is plain HTTP without auth: loopback unless asked
+    # Requests served at once (gRPC handler threads), each running the device's segments and its offload: with
+    # more apps calling than workers, the rest queue here, and the cloud's batches hold at most this many.
     workers: int = 4
     grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
+    max_batch_rows: int = MAX_BATCH_ROWS  # rows per app request (--max-batch-rows)
+    max_message_bytes: int = 64 << 20  # per app message and per decoded tensor, so zstd cannot slip past it
 
     def __post_init__(self) -> None:
-        self.server_options()  # checks listen, workers and the metrics port
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 (requests the agent serves at once), got {self.workers}")
+        if self.max_batch_rows < 1 or self.max_message_bytes < 1:
+            raise ConfigError(f"--max-batch-rows and --max-message-mb must be positive, got {self.max_batch_rows} "
+                              f"and {self.max_message_bytes} bytes")
+        self.server_options()  # checks listen and the metrics port
         if not self.grace_s >= 0:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
 
@@ -153,7 +171,8 @@ class AgentOptions:
         """The OIP server's options (for unix:PATH it also binds a private loopback port; see Agent)."""
         host, port, _ = parse_listen(self.listen)
         return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, metrics_host=self.metrics_host,
-                             workers=self.workers, server_name="edgeexit-agent")
+                             workers=self.workers, server_name="edgeexit-agent",
+                             max_message_bytes=self.max_message_bytes)
 
 
 def parse_listen(listen: str) -> tuple[str, int, str | None]:
@@ -176,13 +195,13 @@ class Agent:
     def __init__(self, bundle: str | Path, options: AgentOptions):
         self.options = options
         event(log, "start", bundle=str(bundle), split=str(options.device.split), cloud=options.device.cloud,
-              encoding=options.device.encoding, on_failure=options.device.on_failure)
+              encoding=options.device.encoding, on_failure=options.device.on_failure, workers=options.workers)
         # Events come from request and health-check threads, from the runtime's start-up check on: those before
         # the metrics exist wait in _early.
         self._sync = threading.RLock()
         self._early: list[tuple[str, dict[str, Any]]] = []
         self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
-        self.handler = AgentHandler(self.runtime)
+        self.handler = AgentHandler(self.runtime, options.max_batch_rows, options.max_message_bytes)
         self.unix_path = parse_listen(options.listen)[2]
         self.handle: ServerHandle = build_server([self.handler], options.server_options())
         if self.unix_path:

@@ -2,8 +2,14 @@
 
 The breaker exists so a device with a dead uplink stops paying a connect timeout on every request: after
 ``failure_threshold`` consecutive failed offloads the circuit opens and offloads are skipped (the caller
-falls back at once). A refusal of our credentials (``PeerRefused``: a wrong token, a failed TLS handshake)
-opens it at once: every request would be refused alike.
+falls back at once). A refusal (``PeerRefused``: a wrong token, a failed TLS handshake; ``BundleMismatch``:
+the cloud runs another bundle) opens it at once: every request would be refused alike, a config problem.
+
+``Overloaded`` (the service's queue is full: RESOURCE_EXHAUSTED at once) never opens it, however many in a
+row: the refusal costs one round trip, proves the link and the service work, and a health check would pass at
+once, so an open circuit would only flap while stopping offloads the service may have room for a moment later
+(or, with several cloud targets, another replica has room now). It is counted (reason "overloaded"), not
+retried (the caller falls back at once), and resets the run of link failures like any answer does.
 
 How it closes again depends on who probes the cloud:
 - with ``health_checks`` (the device runtime's client can check the server's health; see
@@ -22,21 +28,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from edgeexit.errors import ConfigError, LinkTimeout, OffloadError, PeerRefused, PeerUnavailable
+from edgeexit.errors import (
+    BundleMismatch,
+    ConfigError,
+    LinkTimeout,
+    OffloadError,
+    Overloaded,
+    PeerRefused,
+    PeerUnavailable,
+)
 
 T = TypeVar("T")
 Clock = Callable[[], float]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-# Why a cloud call failed (a metric label: keep this set small and fixed). "auth" and "tls" are refusals.
+# Why a cloud call failed (a metric label: keep this set small and fixed). "auth", "tls" and "bundle" are refusals.
 AUTH, TLS, UNAVAILABLE, TIMEOUT, ERROR = "auth", "tls", "unavailable", "timeout", "error"
-REFUSED = (AUTH, TLS)
+BUNDLE, OVERLOADED = "bundle", "overloaded"
+REFUSED = (AUTH, TLS, BUNDLE)
+_REFUSALS = {AUTH: "the cloud refused our credentials", TLS: "the cloud refused our credentials",
+             BUNDLE: "the cloud runs another bundle"}
 
 
 def failure_reason(error: BaseException | None) -> str:
     """The bounded reason label of a failed cloud call (None: an unspecified link failure)."""
     if isinstance(error, PeerRefused):
-        return error.reason if error.reason in REFUSED else AUTH
+        return error.reason if error.reason in (AUTH, TLS) else AUTH
+    if isinstance(error, BundleMismatch):
+        return BUNDLE
+    if isinstance(error, Overloaded):
+        return OVERLOADED
     if isinstance(error, LinkTimeout):
         return TIMEOUT
     if error is None or isinstance(error, PeerUnavailable):
@@ -151,6 +172,13 @@ class CircuitBreaker:
                 changes = self._set(OPEN)
         self._notify(changes, outcome=True, error=error if error is not None else PeerUnavailable(reason))
 
+    def record_overload(self, error: Overloaded) -> None:
+        """The service answered that it is overloaded: counted, but the state stays (see the module docstring)."""
+        with self._lock:
+            self._failures = 0
+            self._probing = False
+        self._notify([], outcome=True, error=error)
+
     def close_after_check(self) -> None:
         """A background health check passed: the cloud answers and accepts us, so offloads may resume now."""
         with self._lock:
@@ -184,9 +212,10 @@ def call_with_retries(fn: Callable[[float], T], deadline: float, retry: RetryOpt
                       sleep: Callable[[float], None] = time.sleep) -> T:
     """Call ``fn(timeout_s)`` until it succeeds, the retries run out or the deadline (a ``clock()`` time) passes.
 
-    Only PeerUnavailable is retried (a refused or dropped connection may be transient), but not PeerRefused
-    (our credentials will be refused again); a LinkTimeout means the budget is spent, and other errors (a bad
-    tensor) would fail the same way again. Every failure is counted by the breaker; an open circuit raises
+    Only PeerUnavailable is retried (a refused or dropped connection may be transient; with several cloud targets
+    the retry goes to another), but not PeerRefused (our credentials will be refused again); a LinkTimeout means
+    the budget is spent, Overloaded asks us to answer locally now, and other errors (a bad tensor, another
+    bundle) would fail the same way again. Every failure is counted by the breaker; an open circuit raises
     PeerUnavailable without calling ``fn``.
     """
     attempt = 0
@@ -196,12 +225,15 @@ def call_with_retries(fn: Callable[[float], T], deadline: float, retry: RetryOpt
             # The device spent the budget; that says nothing about the cloud, so the breaker is not told.
             raise LinkTimeout("no time budget left for the offload")
         if not breaker.allow():
-            why = "the cloud refused our credentials" if breaker.reason in REFUSED else "the cloud failed repeatedly"
+            why = _REFUSALS.get(breaker.reason or "", "the cloud failed repeatedly")
             raise PeerUnavailable(f"circuit open: {why} ({breaker.reason}); answering on the device")
         try:
             result = fn(remaining)
         except PeerRefused as e:
             breaker.record_failure(e)
+            raise
+        except Overloaded as e:
+            breaker.record_overload(e)
             raise
         except PeerUnavailable as e:
             breaker.record_failure(e)

@@ -4,19 +4,43 @@ Every failure becomes an edgeexit error (``status.error_for``) carrying the serv
 runtime decides on fallback by exception type alone: LinkTimeout, PeerUnavailable, InvalidTensor, OffloadError.
 A successful call returns an ``Offload``: the outputs (it reads as their mapping) and the time the server says
 it spent (``edgeexit.queue_us`` / ``edgeexit.compute_us``), None when the server does not report it.
+
+Identity: a client made with ``bundle=<digest>`` names it on every request (parameter ``edgeexit.bundle``); a
+server running another bundle refuses with ``BundleMismatch``, and ``check_health`` (with ``model``) compares
+the digest a server lists in ModelMetadata ``versions`` before any request is sent.
+
+The channel: one target or several (``cloud_targets.parse_cloud``: round-robin with client-side health checks),
+HTTP/2 keepalive pings every ``keepalive_s`` (cellular NATs drop idle connections silently; `edgeexit serve`
+accepts pings down to every 0.5 s, also without calls, see ``oip_server.KEEPALIVE_OPTIONS``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor, OffloadError, PeerUnavailable
+from edgeexit.errors import (
+    BundleMismatch,
+    ConfigError,
+    EdgeExitError,
+    InvalidTensor,
+    OffloadError,
+    PeerUnavailable,
+)
+from edgeexit.runtime.cloud_targets import parse_cloud
 from edgeexit.runtime.codec import WireTensor
-from edgeexit.runtime.oip_messages import ParamValue, ServerTiming, outputs_from_pb, params_from_pb, params_to_pb
+from edgeexit.runtime.oip_messages import (
+    P_BUNDLE,
+    ParamValue,
+    ServerTiming,
+    outputs_from_pb,
+    params_from_pb,
+    params_to_pb,
+)
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
 from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
 from edgeexit.runtime.security import bearer_metadata, channel_credentials
@@ -30,6 +54,18 @@ class ClientOptions:
     tls_key: str | None = None
     token: str | None = None  # sent as `authorization: Bearer <token>`
     max_message_bytes: int = 64 << 20
+    # The name the servers' certificates are checked against (grpc.ssl_target_name_override); needed for TLS to a
+    # list of addresses (see cloud_targets), otherwise the target's host name.
+    tls_server_name: str | None = None
+    # HTTP/2 keepalive: a ping every keepalive_s, also while idle; no answer within keepalive_timeout_s closes the
+    # connection (the next request reconnects). Must stay above the server's minimum ping interval (serve: 0.5 s).
+    keepalive_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not (self.keepalive_s >= 1.0 and self.keepalive_timeout_s > 0):
+            raise ConfigError(f"keepalive: ping interval >= 1 s and a positive timeout, got {self.keepalive_s} s "
+                              f"and {self.keepalive_timeout_s} s")
 
 
 @dataclass(frozen=True)
@@ -51,14 +87,23 @@ class Offload(Mapping[str, np.ndarray]):
         return len(self.outputs)
 
 
-class InferenceClient:
-    """A channel to one OIP v2 server. Thread-safe; reuse one per target."""
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
-    def __init__(self, target: str, options: ClientOptions | None = None):
+
+class InferenceClient:
+    """A channel to one OIP v2 server, or several (round-robin). Thread-safe; reuse one per target.
+
+    ``bundle``: the digest of the bundle this device runs, sent with every request; ``model``: the model whose
+    ModelMetadata ``check_health`` compares against it (both optional: a plain client sends neither)."""
+
+    def __init__(self, target: str, options: ClientOptions | None = None, *, bundle: str | None = None,
+                 model: str | None = None):
+        cloud = parse_cloud(target)
         self.target = target
         self.options = options or ClientOptions()
+        self.bundle, self.model = bundle, model
         o = self.options
-        channel_options = [
+        channel_options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
             # Reconnect quickly after an outage: a channel that saw a dead server retries on a backoff (grpc's
@@ -70,14 +115,22 @@ class InferenceClient:
             # ...and a connect attempt that hangs (packets dropped) is abandoned after 2 s, not grpc's 20 s;
             # 2 s still covers a TCP + TLS handshake over a slow (3G, ~300 ms RTT) link.
             ("grpc.min_reconnect_backoff_ms", 2000),
+            ("grpc.keepalive_time_ms", round(o.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", round(o.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),  # idle connections are the ones NATs drop
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging between requests (default: 2 pings, then stop)
         ]
+        if (config := cloud.service_config()) is not None:
+            channel_options.append(("grpc.service_config", config))
         if o.tls_ca:
             creds = channel_credentials(o.tls_ca, o.tls_cert, o.tls_key)
-            self._channel = grpc.secure_channel(target, creds, options=channel_options)
+            if (name := cloud.tls_name(o.tls_server_name)) is not None:
+                channel_options.append(("grpc.ssl_target_name_override", name))
+            self._channel = grpc.secure_channel(cloud.target, creds, options=channel_options)
         else:
             if o.tls_cert or o.tls_key:
                 raise ConfigError("a client certificate needs tls_ca too (the CA that signed the server cert)")
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+            self._channel = grpc.insecure_channel(cloud.target, options=channel_options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = bearer_metadata(o.token)
 
@@ -87,11 +140,11 @@ class InferenceClient:
         req = pb.ModelInferRequest(model_name=model, id=request_id)
         req.inputs.add(name=input_name, datatype=tensor.datatype, shape=list(tensor.shape))
         req.raw_input_contents.append(bytes(tensor.data))
-        params_to_pb(tensor.params, req.parameters)
+        params_to_pb({**tensor.params, P_BUNDLE: self.bundle} if self.bundle else tensor.params, req.parameters)
         try:
             resp = self._stub.ModelInfer(req, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise error_for(e.code(), e.details() or "") from None
+            raise self._error(e) from None
         try:
             outputs = {k: v.astype(np.float32, copy=False) for k, v in outputs_from_pb(resp).items()}
         except InvalidTensor as e:
@@ -109,13 +162,34 @@ class InferenceClient:
 
     def check_health(self, timeout: float = 1.0) -> None:
         """Raise the edgeexit error that says why the server is not usable (None when it is): a ServerReady with
-        our token, so a wrong token fails it as ``PeerRefused`` (gRPC's health service would not ask for one)."""
+        our token, so a wrong token fails it as ``PeerRefused`` (gRPC's health service would not ask for one);
+        then, with ``bundle`` and ``model``, ``BundleMismatch`` when the model's ModelMetadata lists digests
+        (64 hex digits, as `edgeexit serve` does) and ours is not among them. Integer versions (Triton) pass:
+        such a server checks the request parameter itself."""
         try:
             ready = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout, metadata=self._metadata).ready
+            if ready and self.bundle and self.model:
+                meta = self._stub.ModelMetadata(pb.ModelMetadataRequest(name=self.model), timeout=timeout,
+                                                metadata=self._metadata)
+                digests = [v for v in meta.versions if _DIGEST.fullmatch(v)]
+                if digests and self.bundle not in digests:
+                    raise self._mismatch(digests[0], f"{self.model} lists versions {list(meta.versions)[:4]}")
         except grpc.RpcError as e:
-            raise error_for(e.code(), e.details() or "") from None
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # it serves another model: not ours to judge here
+                return
+            raise self._error(e) from None
         if not ready:
             raise PeerUnavailable("the cloud service answers but is not ready (still loading its models?)")
+
+    def _error(self, e: grpc.RpcError) -> EdgeExitError:
+        err = error_for(e.code(), e.details() or "")
+        return self._mismatch(err.served, str(err)) if isinstance(err, BundleMismatch) else err
+
+    def _mismatch(self, served: str, detail: str) -> BundleMismatch:
+        """A BundleMismatch naming both digests in full first (log lines clip long messages)."""
+        return BundleMismatch(f"the cloud runs bundle {served}, this device bundle {self.bundle}: their answers "
+                              f"differ; answering on the device until the same bundle runs on both ({detail})",
+                              served=served)
 
     def close(self) -> None:
         self._channel.close()

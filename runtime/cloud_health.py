@@ -6,10 +6,10 @@ answers, and the cloud's status as an operator sees it (torch-free).
   unreachable, from 1 s doubling to ``cooldown_s`` while it refuses our credentials (a config mistake: asking
   every 0.25 s would not fix it). A check is the client's ``check_health`` (an authenticated ServerReady, so a
   wrong token fails it; gRPC's own health service takes no token), never a user request.
-- :class:`CloudStatus` is ``ok``, ``unreachable`` (the circuit opened on link failures) or ``refused`` (auth or
-  tls), starting ``unknown``. Each change is logged once, at WARNING (``cloud_unreachable``,
-  ``cloud_refused``, and ``cloud_ok`` on recovery), and passed on as an event so the agent can flip its
-  ``edgeexit.cloud`` health status and count ``edgeexit_agent_cloud_errors_total{reason}``.
+- :class:`CloudStatus` is ``ok``, ``unreachable`` (the circuit opened on link failures) or ``refused`` (auth,
+  tls, or bundle: the cloud runs another bundle), starting ``unknown``. Each change is logged once, at WARNING
+  (``cloud_unreachable``, ``cloud_refused``, and ``cloud_ok`` on recovery), and passed on as an event so the
+  agent can flip its ``edgeexit.cloud`` health status and count ``edgeexit_agent_cloud_errors_total{reason}``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeexit.errors import EdgeExitError
-from edgeexit.runtime.breaker import REFUSED, BreakerOptions, CircuitBreaker, failure_reason
+from edgeexit.runtime.breaker import BUNDLE, OVERLOADED, REFUSED, BreakerOptions, CircuitBreaker, failure_reason
 
 log = logging.getLogger("edgeexit.device")
 
@@ -62,6 +62,8 @@ class CloudHealth:
             reason = failure_reason(error)
             self._emit("cloud_error", reason=reason)  # counted, not logged: one per failed call
             detail = str(error)[:DETAIL_CHARS]
+            if reason == OVERLOADED:
+                return  # the service answered (busy): no news about whether it is usable
             if reason in REFUSED:
                 new = CloudStatus(REFUSED_STATUS, reason, detail)
             elif self._breaker_open():
@@ -81,9 +83,11 @@ class CloudHealth:
             level = logging.INFO if old.state == UNKNOWN else logging.WARNING  # first contact is no recovery
         elif new.state == REFUSED_STATUS:
             name, level = "cloud_refused", logging.WARNING
+            fix = ("roll the same bundle out to the device and the cloud" if new.reason == BUNDLE
+                   else "fix the token (--token-file) or TLS settings")
             fields.update(reason=new.reason, detail=new.detail,
-                          action="fix the token (--token-file) or TLS settings; offloads resume by themselves "
-                                 "once a health check passes; answering on the device meanwhile")
+                          action=f"{fix}; offloads resume by themselves once a health check passes; answering on the "
+                                 "device meanwhile")
         else:
             name, level = "cloud_unreachable", logging.WARNING
             fields.update(reason=new.reason, detail=new.detail, action="answering on the device until it is back")

@@ -84,7 +84,9 @@ class DeviceOptions:
     # "stretch": the sleeping above; "cgroup": a launcher already runs this whole process under a CPU quota worth
     # the slowdown, so nothing is stretched (the planner's device profile is still scaled, unless measured here).
     emulation: str = "stretch"
-    cloud: str | None = None  # HOST:PORT of `edgeexit serve`; None = device-only
+    # HOST:PORT of `edgeexit serve` (or Triton), a comma-separated list of IP:PORT, or dns:///NAME:PORT (several:
+    # round-robin with health checks, see cloud_targets.py); None = device-only
+    cloud: str | None = None
     client: Any = None  # runtime.client.ClientOptions (TLS, token, message limit)
     encoding: str = "fp32"  # fp32 | fp16 | int8 (int8 uses the manifest's calibrated split quantization)
     compress: bool = False  # zstd on the wire
@@ -102,6 +104,10 @@ class DeviceOptions:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.emulation not in ("stretch", "cgroup"):
             raise ConfigError(f"emulation {self.emulation!r}: choose 'stretch' or 'cgroup'")
+        if self.cloud is not None:
+            from edgeexit.runtime.cloud_targets import parse_cloud
+
+            parse_cloud(self.cloud)  # refuse a malformed --cloud before anything is loaded
         self.split = parse_split(self.split)
         self.adapt_options()  # checks adapt, slowdown and encoding, which the adapter shares
 
@@ -160,7 +166,9 @@ class DeviceRuntime:
         if client is None and has_cloud:
             from edgeexit.runtime.client import InferenceClient
 
-            self._client = InferenceClient(o.cloud, o.client)
+            # Named on every offload and probe: a cloud running another bundle refuses instead of answering wrongly.
+            self._client = InferenceClient(o.cloud, o.client, bundle=self.manifest.model_digest(),
+                                           model=self.manifest.name)
         self.monitor = LinkMonitor(self._client, self.manifest.name, clock, self._emit)
         self.adapter: Adapter | None = None
         if adaptive:

@@ -116,6 +116,9 @@ def mismatch_message(model: str, served: str, sent: str) -> str:
 
 
 _SERVED_DIGEST = re.compile(r"runs bundle ([0-9a-f]{12,64})")
+_TRITON_QUEUE_FULL = "exceeds maximum queue size"  # Triton's UNAVAILABLE when a model's max_queue_size is reached
+_MISMATCH_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
+                   grpc.StatusCode.UNKNOWN)
 _OVERLOADED = "is overloaded"  # in Overloaded's message; gRPC's own RESOURCE_EXHAUSTED (message size) lacks it
 
 # grpcio reports a failed TLS handshake as UNAVAILABLE with this in the details ("Ssl handshake failed: ...").
@@ -132,11 +135,15 @@ def error_for(code: grpc.StatusCode, message: str) -> EdgeExitError:
     if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE in message.lower():
         return PeerRefused(f"the TLS handshake with the cloud service failed: {message}; check --tls-ca (and the "
                            "client certificate for mTLS)", "tls")
+    if code == grpc.StatusCode.UNAVAILABLE and _TRITON_QUEUE_FULL in message.lower():
+        return Overloaded(f"the cloud service is overloaded: {message}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerUnavailable(f"the cloud service is unavailable or refused us ({code.name}): {message}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERLOADED in message:
         return Overloaded(f"the cloud service is overloaded: {message}")
-    if code == grpc.StatusCode.FAILED_PRECONDITION and (m := _SERVED_DIGEST.search(message)):
+    # serve refuses with FAILED_PRECONDITION; a Triton model reports its errors under another code, with the same
+    # message (``mismatch_message``), so the message decides.
+    if code in _MISMATCH_CODES and (m := _SERVED_DIGEST.search(message)):
         return BundleMismatch(f"the cloud runs another bundle: {message}", served=m.group(1))
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidTensor(f"the cloud rejected the tensor: {message}")

@@ -406,7 +406,7 @@ def test_the_agent_refuses_huge_shapes_and_trailing_bytes(agent_bundle, raw_batc
         model = agent.runtime.model_name
         wire = codec.encode(raw_batch, "fp32", compress=True)
         cases = [
-            (_request(model, "input", "FP32", [2**62, *wire.shape[1:]], bytes(64)), "would take"),
+            (_request(model, "input", "FP32", [2**62, *wire.shape[1:]], bytes(64)), "--max-batch-rows"),
             (_request(model, "input", "FP32", wire.shape, wire.data + bytes(1 << 20), wire.params), "one zstd frame"),
         ]
         for req, match in cases:

@@ -21,7 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "2=device-fallback). Runs the bundle's head, answers confident rows on the device and "
                     "offloads the rest; on timeout or outage it answers locally. Never imports torch.")
     p.add_argument("bundle", help="path to a <name>.edgeexit bundle")
-    p.add_argument("--cloud", metavar="HOST:PORT", help="address of `edgeexit serve`; omit to run device-only")
+    p.add_argument("--cloud", metavar="HOST:PORT[,...]",
+                   help="address of `edgeexit serve` (or Triton's gRPC port); several as a comma-separated list of "
+                        "IP:PORT, or dns:///NAME:PORT for every address NAME resolves to: used round-robin, a server "
+                        "that is down or draining is skipped (gRPC health checks). Omit to run device-only")
     p.add_argument("--split", default="auto", help=SPLIT_HELP)
     p.add_argument("--adapt", choices=["planner", "bandit", "off"], default="planner",
                    help="with --split auto: 'planner' = the planner's choice for the link as measured from real "
@@ -64,6 +67,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-ca", help="PEM CA of the cloud service's certificate (enables TLS to the cloud)")
     p.add_argument("--tls-cert", help="client certificate for mTLS to the cloud")
     p.add_argument("--tls-key", help="client key for mTLS to the cloud")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="check the cloud's certificates against NAME (grpc.ssl_target_name_override); required for "
+                        "TLS to a list of addresses: a name every server's certificate carries")
+    p.add_argument("--workers", type=int, default=4,
+                   help="requests served at once (each runs the device's segments and its offload); more apps "
+                        "than this queue in the agent (default 4)")
+    p.add_argument("--max-batch-rows", type=int, default=256,
+                   help="most rows one app request may carry; larger ones are refused before any compute "
+                        "(default 256, as serve)")
+    p.add_argument("--max-message-mb", type=float, default=64.0,
+                   help="largest app message, and largest decoded (decompressed) input tensor, in MiB (default 64)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on, independent of --listen (default 127.0.0.1): plain HTTP "
@@ -72,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgeexit.errors import ConfigError
     from edgeexit.runtime.agent import Agent, AgentOptions
     from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
     from edgeexit.runtime.client import ClientOptions
@@ -79,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.runtime.security import read_token_file
 
     client = ClientOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           token=read_token_file(args.token_file) if args.token_file else None)
+                           token=read_token_file(args.token_file) if args.token_file else None,
+                           tls_server_name=args.tls_server_name)
+    if not args.max_message_mb > 0:
+        raise ConfigError(f"--max-message-mb must be positive, got {args.max_message_mb}")
     slowdown = _emulation(args)
     device = DeviceOptions(
         backend=args.backend, fmt=args.fmt, threads=args.threads, policy=args.policy, split=args.split,
@@ -90,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
     )
     Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port,
-                                    metrics_host=args.metrics_host)).serve_forever()
+                                    metrics_host=args.metrics_host, workers=args.workers,
+                                    max_batch_rows=args.max_batch_rows,
+                                    max_message_bytes=int(args.max_message_mb * (1 << 20)))).serve_forever()
     return 0
 
 

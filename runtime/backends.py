@@ -32,7 +32,7 @@ BACKEND_FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
 CPU = PROVIDERS["cpu"]
 _LABELS = {"cuda": "CUDA", "tensorrt": "TensorRT", "cpu": "CPU"}
-GPU_HINT = "install edgeexit[gpu] on a machine with CUDA 12; see the README's GPU section"
+GPU_HINT = "install edgeexit[gpu] on a machine with CUDA 13 and cuDNN 9; see the README's GPU section"
 # A provider asked for with its options, as onnxruntime takes it: a name, or (name, {"device_id": "1"}).
 Provider = str | tuple[str, dict[str, str]]
 log = logging.getLogger("edgeexit.runtime.backends")

@@ -13,6 +13,16 @@ Triton admits one datatype per input and checks a request's byte count against i
 it: so each boundary's wire encoding is fixed when the repository is written (it must match the agents'
 ``--encoding``), and zstd-compressed tensors (``--compress``) cannot reach either flavour. The README written
 at the repository's top says so, model by model.
+
+GPUs: ``kind="gpu"`` (or ``gpus``) writes ``KIND_GPU`` instance groups; the onnx flavour then names the TensorRT
+execution accelerator (``accelerator="tensorrt"``; Triton's onnxruntime backend puts CUDA behind it for a GPU
+instance anyway), and the python flavour's models ask onnxruntime for TensorRT/CUDA on their instance's GPU,
+falling back to the CPU with a warning in Triton's log.
+
+Identity: Triton's version folders must be integers, so every model keeps version ``1`` and carries the bundle's
+digest (``Bundle.digest``) as the config parameter ``edgeexit.bundle`` (Triton's ModelConfig RPC shows it) and in
+the README. The python flavour's models refuse a request whose ``edgeexit.bundle`` parameter names another bundle;
+the onnx flavour cannot see request parameters.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ from edgeexit.errors import ConfigError
 from edgeexit.runtime import codec
 
 FLAVOURS = ("python", "onnx")
-VERSION = "1"  # the model version directory (issue 12 §4 will name the bundle's digest)
+VERSION = "1"  # the model version directory: Triton wants an integer; the digest is a config parameter
+P_BUNDLE = "edgeexit.bundle"  # as runtime/oip_messages.P_BUNDLE: the request parameter, and here the config's
+KINDS = ("cpu", "gpu")
+ACCELERATORS = {"tensorrt": "tensorrt,cuda,cpu", "cuda": "cuda,cpu"}  # -> the python flavour's providers
 TEMPLATE = Path(__file__).parent / "triton_python" / "model.py"
 # Wire encoding (agent --encoding, or the whole model's raw input) -> Triton config datatype.
 CONFIG_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
@@ -48,6 +61,13 @@ class RepoOptions:
     instances: int = 1  # model instances (processes for the python flavour)
     threads: int = 1  # onnxruntime intra-op threads per segment session (python flavour)
     python_env: Path | None = None  # written as EXECUTION_ENV_PATH; None: `edgeexit triton` puts it on PATH
+    kind: str = "cpu"  # instance kind: cpu | gpu (gpus given implies gpu)
+    gpus: list[int] | None = None  # the GPUs each model's instances go on; None: every GPU (Triton's default)
+    accelerator: str = "tensorrt"  # on GPUs: tensorrt (then CUDA, then CPU) or cuda (then CPU)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.kind == "gpu" or bool(self.gpus)
 
     def check(self, num_splits: int) -> None:
         if self.flavour not in FLAVOURS:
@@ -63,6 +83,10 @@ class RepoOptions:
                               f"0..{num_splits - 1}")
         if self.max_batch_size < 1 or self.instances < 1 or self.threads < 1 or self.max_queue_delay_us < 0:
             raise ConfigError("--max-batch-size, --instances and --threads must be positive, the queue delay >= 0")
+        if self.kind not in KINDS or self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"--kind must be one of {KINDS} and --accelerator one of {tuple(ACCELERATORS)}")
+        if self.gpus is not None and (not self.gpus or min(self.gpus) < 0 or len(set(self.gpus)) < len(self.gpus)):
+            raise ConfigError(f"--gpus {self.gpus}: give distinct GPU indices >= 0, e.g. --gpus 0,1")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
             raise ConfigError(f"preferred batch sizes {bad} are outside 1..--max-batch-size ({self.max_batch_size})")
@@ -81,6 +105,7 @@ class RepoModel:
     input: str
     datatype: str  # the wire datatype Triton admits (FP32, INT8, ...)
     outputs: list[str]
+    digest: str  # the bundle's (config parameter edgeexit.bundle)
 
 
 def _dims(spec: TensorSpec) -> list[int]:
@@ -104,8 +129,12 @@ def config_pbtxt(name: str, inputs: list[tuple[str, str, list[int]]], outputs: l
     preferred = f"preferred_batch_size: [ {', '.join(map(str, o.preferred_batch_sizes))} ] " \
         if o.preferred_batch_sizes else ""
     lines.append(f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {o.max_queue_delay_us} }}")
-    lines.append(f"instance_group [ {{ count: {o.instances} kind: KIND_CPU }} ]")
+    gpus = f" gpus: [ {', '.join(map(str, o.gpus))} ]" if o.gpus else ""
+    lines.append(f"instance_group [ {{ count: {o.instances} kind: KIND_{'GPU' if o.on_gpu else 'CPU'}{gpus} }} ]")
     lines.append(f"version_policy: {{ specific: {{ versions: [ {VERSION} ] }} }}")
+    if o.flavour == "onnx" and o.on_gpu and o.accelerator == "tensorrt":
+        # The onnxruntime backend tries these first on a GPU instance, then CUDA, then the CPU.
+        lines.append('optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" } ] } }')
     params = dict(parameters or {})
     if o.flavour == "python" and o.python_env is not None:
         params["EXECUTION_ENV_PATH"] = str(Path(o.python_env).absolute())
@@ -127,6 +156,7 @@ def _copy_segments(bundle: Bundle, start: int, dest: Path) -> None:
 
 
 def _write_model(bundle: Bundle, start: int, out: Path, options: RepoOptions) -> RepoModel:
+    """One model's folder: its config.pbtxt (the bundle's digest as parameter ``edgeexit.bundle``) and files."""
     m = bundle.manifest
     name = m.name if start == 0 else f"{m.name}@{start - 1}"
     spec = m.input if start == 0 else m.split_points[start - 1].tensor
@@ -140,11 +170,13 @@ def _write_model(bundle: Bundle, start: int, out: Path, options: RepoOptions) ->
         _copy_segments(bundle, start, version / "bundle")
         shutil.copy2(TEMPLATE, version / "model.py")
         inputs = [(spec.name, CONFIG_TYPES[wire], _dims(spec))]
-        params = {"edgeexit.start": str(start), "edgeexit.threads": str(options.threads)}
+        params = {"edgeexit.start": str(start), "edgeexit.threads": str(options.threads),
+                  "edgeexit.providers": ACCELERATORS[options.accelerator] if options.on_gpu else "cpu"}
     else:
         inputs, outputs, params = _onnx_model(bundle, start, wire, version)
+    params[P_BUNDLE] = bundle.digest
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, inputs, outputs, options, params))
-    return RepoModel(name, spec.name, inputs[0][1].removeprefix("TYPE_"), exits)
+    return RepoModel(name, spec.name, inputs[0][1].removeprefix("TYPE_"), exits, bundle.digest)
 
 
 def _onnx_model(bundle: Bundle, start: int, wire: str, version: Path,
@@ -175,7 +207,7 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, options: Repo
     tmp.mkdir(parents=True)
     try:
         models = [_write_model(bundle, start, tmp, options) for start in range(len(m.segments))]
-        (tmp / "README.md").write_text(readme(m.name, models, options))
+        (tmp / "README.md").write_text(readme(m.name, models, options, bundle.digest))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,7 +217,9 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, options: Repo
     return models
 
 
-def readme(bundle_name: str, models: list[RepoModel], options: RepoOptions) -> str:
+def readme(bundle_name: str, models: list[RepoModel], options: RepoOptions, digest: str = "") -> str:
+    o = options
+    where = ("the CPU" if not o.on_gpu else f"GPU(s) {o.gpus}" if o.gpus else "every GPU")
     rows = "\n".join(f"| `{r.name}` | `{r.input}` | {r.datatype} | {', '.join(r.outputs)} |" for r in models)
     return f"""# Triton model repository for `{bundle_name}` ({options.flavour} flavour)
 
@@ -199,7 +233,13 @@ outputs of `edgeexit serve`; an edgeexit agent offloads to it with `--cloud HOST
 
 Batching: `max_batch_size` {options.max_batch_size} rows (a request with more rows is refused), dynamic batching
 with preferred sizes {options.preferred_batch_sizes or "none"} and a {options.max_queue_delay_us} us queue delay,
-{options.instances} instance(s) on the CPU. Version directory `{VERSION}`.
+{options.instances} instance(s) on {where} (`KIND_{'GPU' if o.on_gpu else 'CPU'}`). Version directory `{VERSION}`.
+{_gpu_note(o)}
+## Bundle identity
+Bundle digest: `{digest}` (`edgeexit serve` prints the same at start for this bundle). Triton's version folders must
+be integers, so every model is version `{VERSION}` (ModelMetadata `versions` says `1`, not the digest) and carries
+the digest as its config parameter `{P_BUNDLE}` (Triton's ModelConfig RPC, e.g. `tritonclient ...
+get_model_config(model)`, shows it). {_identity_note(o)}
 
 ## What each flavour supports
 | wire | python (Python backend + onnxruntime) | onnx (`onnxruntime_onnx` platform, GPUs) |
@@ -219,3 +259,26 @@ with preferred sizes {options.preferred_batch_sizes or "none"} and a {options.ma
 - The python flavour's models need a Python environment with numpy<2 (numpy 2 makes every response silently
   empty), onnxruntime, zstandard and edgeexit (`--no-deps`); `edgeexit triton --python-env DIR` names it.
 """
+
+
+def _gpu_note(o: RepoOptions) -> str:
+    if not o.on_gpu:
+        return ""
+    if o.flavour == "onnx":
+        how = ("the TensorRT execution accelerator first (its engines are built when a model loads, which can take "
+               "minutes), then CUDA, then the CPU" if o.accelerator == "tensorrt" else "onnxruntime's CUDA provider")
+        return f"\nOn GPUs the onnxruntime backend runs {how}. It needs a Triton with GPUs (e.g. NGC's image).\n"
+    return (f"\nOn GPUs each python model asks onnxruntime for `{ACCELERATORS[o.accelerator]}` on its instance's GPU: "
+            "the models' environment needs onnxruntime-gpu (see the edgeexit README, \"GPUs\"); without it they "
+            "run on the CPU and say so in Triton's log. `KIND_GPU` needs a Triton that sees a GPU.\n")
+
+
+def _identity_note(o: RepoOptions) -> str:
+    if o.flavour == "python":
+        return (f"A request whose `{P_BUNDLE}` parameter (a string, as the edgeexit agent sends) names another bundle "
+                "is refused with Triton's UNSUPPORTED error, which clients see as gRPC UNIMPLEMENTED, and the message "
+                "names the served digest's first 12 hex digits (Triton's Python backend has no FAILED_PRECONDITION, "
+                "the code `edgeexit serve` gives); requests without it are served.")
+    return (f"**The onnx flavour cannot check it**: the onnxruntime backend never shows request parameters to the "
+            f"model, so a request naming another bundle (`{P_BUNDLE}`) is answered, not refused. Roll the same "
+            "bundle out to devices and this repository, or use the python flavour, which refuses a mismatch.")

@@ -33,7 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated sizes dynamic batching aims for; 'none' for none (8,16)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="longest a request waits for others to batch with, microseconds (2000)")
-    p.add_argument("--instances", type=int, default=1, help="model instances per model, on the CPU (1)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per model (per GPU with --gpus) (1)")
+    p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
+                   help="where instances run: KIND_CPU or KIND_GPU instance groups (default cpu)")
+    p.add_argument("--gpus", help="comma-separated GPU indices the instances go on, e.g. 0,1 (implies --kind gpu; "
+                                  "default: every GPU Triton sees)")
+    p.add_argument("--accelerator", choices=["tensorrt", "cuda"], default="tensorrt",
+                   help="on GPUs: tensorrt (TensorRT first, then CUDA, then CPU) or cuda (then CPU) (tensorrt)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per segment, python flavour (1)")
     p.add_argument("--python-env", help="write this models' Python environment into each config.pbtxt "
                                         "(EXECUTION_ENV_PATH); default: none, `edgeexit triton` provides it")
@@ -70,13 +76,26 @@ def run_repo(args: argparse.Namespace) -> int:
         flavour=args.flavour, encoding=args.encoding, raw_input=args.raw_input, max_batch_size=args.max_batch_size,
         preferred_batch_sizes=preferred, max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
         threads=args.threads, python_env=Path(args.python_env) if args.python_env else None,
+        kind=args.kind, gpus=_gpus(args.gpus) if args.gpus else None, accelerator=args.accelerator,
     )
     models = write_repository(args.bundle, args.out, options, force=args.force)
     for m in models:
         print(f"{m.name}: {m.input} {m.datatype} -> {', '.join(m.outputs)}")
-    print(f"wrote {args.out} ({args.flavour} flavour, {len(models)} models); serve it with `edgeexit triton "
-          f"{args.out}`" if args.flavour == "python" else f"wrote {args.out} (onnx flavour, {len(models)} models)")
+    where = "on GPUs" if options.on_gpu else "on the CPU"
+    print(f"wrote {args.out} ({args.flavour} flavour, {len(models)} models {where}, bundle {models[0].digest})")
+    if args.flavour == "python" and not options.on_gpu:
+        print(f"serve it with `edgeexit triton {args.out}`")
     return 0
+
+
+def _gpus(text: str) -> list[int]:
+    """``--gpus 0,1``: GPU indices (0 is one; ``parse_int_list`` wants positive numbers)."""
+    from edgeexit.errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus takes comma-separated GPU indices, e.g. 0,1; got {text!r}") from None
 
 
 def run_server(args: argparse.Namespace) -> int:

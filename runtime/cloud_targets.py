@@ -26,7 +26,9 @@ from edgeexit.hostport import parse_hostport
 
 # The service whose health decides whether a server gets requests: `edgeexit serve` marks it SERVING while it
 # serves and NOT_SERVING while it drains (runtime/oip_server.py); a server without the health service
-# (UNIMPLEMENTED) counts as healthy, per gRPC's client-side health checking design (A17).
+# (UNIMPLEMENTED) counts as healthy, per gRPC's client-side health checking design (A17). Client-side checks use the
+# health service's Watch, which Triton does not implement (only Check): against Triton a server is skipped when its
+# connection fails, not when it reports NOT_SERVING.
 HEALTH_SERVICE = "inference.GRPCInferenceService"
 _PASSED_ON = ("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 _EXAMPLE = "e.g. 10.0.0.5:8000, 10.0.0.5:8000,10.0.0.6:8000 or dns:///cloud.example:8000"

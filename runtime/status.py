@@ -117,8 +117,9 @@ def mismatch_message(model: str, served: str, sent: str) -> str:
 
 _SERVED_DIGEST = re.compile(r"runs bundle ([0-9a-f]{12,64})")
 _TRITON_QUEUE_FULL = "exceeds maximum queue size"  # Triton's UNAVAILABLE when a model's max_queue_size is reached
+# UNIMPLEMENTED: Triton's python models (exporters/triton_python) refuse another bundle with UNSUPPORTED.
 _MISMATCH_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
-                   grpc.StatusCode.UNKNOWN)
+                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED)
 _OVERLOADED = "is overloaded"  # in Overloaded's message; gRPC's own RESOURCE_EXHAUSTED (message size) lacks it
 
 # grpcio reports a failed TLS handshake as UNAVAILABLE with this in the details ("Ssl handshake failed: ...").

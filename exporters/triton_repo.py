@@ -278,7 +278,8 @@ def _identity_note(o: RepoOptions) -> str:
         return (f"A request whose `{P_BUNDLE}` parameter (a string, as the edgeexit agent sends) names another bundle "
                 "is refused with Triton's UNSUPPORTED error, which clients see as gRPC UNIMPLEMENTED, and the message "
                 "names the served digest's first 12 hex digits (Triton's Python backend has no FAILED_PRECONDITION, "
-                "the code `edgeexit serve` gives); requests without it are served.")
+                "the code `edgeexit serve` gives). The edgeexit agent reads it as a bundle mismatch from the message, "
+                "answers on the device and logs it; requests without the parameter are served.")
     return (f"**The onnx flavour cannot check it**: the onnxruntime backend never shows request parameters to the "
             f"model, so a request naming another bundle (`{P_BUNDLE}`) is answered, not refused. Roll the same "
             "bundle out to devices and this repository, or use the python flavour, which refuses a mismatch.")

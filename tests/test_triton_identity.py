@@ -3,7 +3,8 @@
 Fast: `edgeexit triton-repo --kind gpu / --gpus / --accelerator` configs parsed with Triton's ModelConfig schema
 (tritonclient ships it), the digest in every config and the README. Slow: a REAL Triton (the pytriton wheel's
 tritonserver 2.51, CPU) on a python-flavour repository answers a request naming its bundle, refuses one naming
-another (UNSUPPORTED -> gRPC UNIMPLEMENTED, the served digest in the message) and serves one naming none. No GPU
+another (UNSUPPORTED -> gRPC UNIMPLEMENTED, the served digest in the message; the agent's client raises
+BundleMismatch) and serves one naming none. No GPU
 here: KIND_GPU repositories are checked as configs only."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from edgeexit.bundle import Bundle
 from edgeexit.cli import main
-from edgeexit.errors import ConfigError, OffloadError
+from edgeexit.errors import BundleMismatch, ConfigError
 from edgeexit.exporters.triton_repo import RepoOptions, write_repository
 from edgeexit.runtime import codec
 from edgeexit.runtime.client import InferenceClient
@@ -110,11 +111,12 @@ def test_triton_python_models_check_the_bundle(triton_fp32, tiny_bundle):
     assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
     assert f"runs bundle {digest[:12]}" in refused.value.message() and "'000000000000'" in refused.value.message()
     t.close()
-    # What the agent's client sees: an offload error naming the served digest, so it answers on the device.
+    # What the agent's client sees: BundleMismatch with the served digest (it answers on the device, reason bundle).
     with InferenceClient(triton_fp32.target) as c:
         wire = codec.encode(b1)
         wire.params[P_BUNDLE] = other
-        with pytest.raises(OffloadError, match=f"UNIMPLEMENTED.*runs bundle {digest[:12]}"):
+        with pytest.raises(BundleMismatch, match=f"runs bundle {digest[:12]}") as seen:
             c.infer(model, "boundary1", wire, timeout=10)
+        assert seen.value.served == digest[:12]
         wire.params[P_BUNDLE] = digest
         np.testing.assert_allclose(c.infer(model, "boundary1", wire, timeout=10).outputs["exit2"], want, atol=1e-5)

@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.runtime.breaker import BreakerOptions, RetryOptions
     from edgeexit.runtime.client import ClientOptions
     from edgeexit.runtime.device import DeviceOptions
+    from edgeexit.runtime.malloc import limit_malloc_arenas
     from edgeexit.runtime.security import read_token_file
+
+    limit_malloc_arenas()  # before any worker thread allocates: see runtime/malloc.py
 
     client = ClientOptions(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                            token=read_token_file(args.token_file) if args.token_file else None,

@@ -61,10 +61,13 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.logs import event
     from edgeexit.runtime.backends import parse_providers
     from edgeexit.runtime.batching import BatchOptions
+    from edgeexit.runtime.malloc import limit_malloc_arenas
     from edgeexit.runtime.metrics import ServerMetrics
     from edgeexit.runtime.oip_server import ServerOptions, build_server
     from edgeexit.runtime.security import read_token_file
     from edgeexit.runtime.service import ServiceOptions, build_handlers
+
+    limit_malloc_arenas()  # before any worker thread allocates: see runtime/malloc.py
 
     if args.max_message_mb <= 0 or args.threads < 1 or args.workers < 1:
         raise ConfigError("--max-message-mb, --threads and --workers must be positive")

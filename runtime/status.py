@@ -149,3 +149,27 @@ def error_for(code: grpc.StatusCode, message: str) -> EdgeExitError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidTensor(f"the cloud rejected the tensor: {message}")
     return OffloadError(f"the cloud could not finish the request ({code.name}): {message}")
+
+
+def app_error_for(code: grpc.StatusCode, message: str, target: str) -> EdgeExitError:
+    """The edgeexit error an app's client (``edgeexit.client``) raises for a failed RPC to the agent at ``target``:
+    the same classes as ``error_for``, with messages that name the agent, not the cloud behind it."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return LinkTimeout(f"the agent at {target} did not answer before the deadline ({message}); raise timeout_s "
+                           "or send fewer rows per request")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return PeerRefused(f"{target} refused our credentials ({code.name}): {message}; pass the token it "
+                           "expects (token=...)", "auth")
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE in message.lower():
+        return PeerRefused(f"the TLS handshake with {target} failed: {message}; check tls_ca, server_name and (for "
+                           "mTLS) tls_cert/tls_key, or connect without TLS if it serves plain gRPC", "tls")
+    if code == grpc.StatusCode.UNAVAILABLE and _TRITON_QUEUE_FULL not in message.lower():
+        return PeerUnavailable(f"cannot reach {target} ({message}); is the agent running on {target}?")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ModelNotFound(f"{target}: {message}; pass the model it serves (model=...) or leave it out")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERLOADED not in message:
+        return InvalidTensor(f"{target} refused the request's size: {message}; send fewer rows per request")
+    err = error_for(code, message)  # overloaded, bundle mismatch, invalid tensor: the same classes as offloads
+    if type(err) is OffloadError:
+        return OffloadError(f"{target} could not answer the request ({code.name}): {message}")
+    return err

@@ -169,7 +169,9 @@ def app_error_for(code: grpc.StatusCode, message: str, target: str) -> EdgeExitE
         return ModelNotFound(f"{target}: {message}; pass the model it serves (model=...) or leave it out")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERLOADED not in message:
         return InvalidTensor(f"{target} refused the request's size: {message}; send fewer rows per request")
-    err = error_for(code, message)  # overloaded, bundle mismatch, invalid tensor: the same classes as offloads
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidTensor(f"{target} refused the input: {message}")
+    err = error_for(code, message)  # overloaded, bundle mismatch: the same classes as offloads
     if type(err) is OffloadError:
         return OffloadError(f"{target} could not answer the request ({code.name}): {message}")
     return err

@@ -157,7 +157,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_status
     def ModelMetadata(self, request, context):
-        return metadata_to_pb(self.handler(request.name, request.version).metadata())
+        # An empty name asks a one-model server (the agent) for its model, so an app's client can discover it
+        # (edgeexit.client); with several models it stays NOT_FOUND, listing them.
+        only = next(iter(self.handlers)) if len(self.handlers) == 1 else ""
+        return metadata_to_pb(self.handler(request.name or only, request.version).metadata())
 
     def ModelInfer(self, request, context):
         start = time.perf_counter()

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package name it is installed as (pyproject's package-dir).
 PACKAGES = {"edgeexit": "edgeexit", "exporters": "edgeexit.exporters", "runtime": "edgeexit.runtime"}
 # The package root is a front door (`edgeexit.export` hands over to the exporter, lazily): it sits with the tools.
-TOOLS = {"edgeexit.evaluation", "edgeexit.plan_report", "edgeexit"}
+# So does the apps' client (edgeexit.client): it speaks the runtime's wire, and nothing in core or runtime uses it.
+TOOLS = {"edgeexit.evaluation", "edgeexit.plan_report", "edgeexit", "edgeexit.client"}
 # Each layer may import only the layers listed (and itself).
 ALLOWED = {
     "core": {"core"},

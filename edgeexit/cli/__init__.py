@@ -15,10 +15,11 @@ import sys
 
 from edgeexit import logs
 from edgeexit.errors import EdgeExitError
+from edgeexit.extras import missing_extra
 
 # Subcommand name -> module in edgeexit.cli (the triton module registers triton-repo too).
 COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "triton", "netsim",
-            "bench", "demo"]
+            "bench", "demo", "doctor"]
 JSON_LOGS = {"agent", "serve"}  # long-running services: one JSON object per log line (edgeexit.logs)
 
 
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except EdgeExitError as e:
         print(f"edgeexit {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package this install lacks: name its extra (edgeexit.extras)
+        err = missing_extra(e, args.command)
+        if err is None:
+            raise
+        print(f"edgeexit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgeexit {args.command}: interrupted", file=sys.stderr)

@@ -40,6 +40,7 @@ from edgeexit.runtime.oip_messages import (
     request_from_pb,
     response_to_pb,
 )
+from edgeexit.runtime.oip_rest import RestServer
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
 from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
 from edgeexit.runtime.security import TokenInterceptor, server_credentials
@@ -100,6 +101,7 @@ class ServerOptions:
     workers: int = 16  # gRPC handler threads (concurrent requests in flight)
     metrics_port: int | None = None  # serve Prometheus /metrics over HTTP here (0 picks a port)
     metrics_host: str = "127.0.0.1"  # /metrics has no TLS or auth: loopback unless asked, whatever `host` is
+    http_port: int | None = None  # also serve OIP v2 REST on `host` here (0 picks a port): runtime/oip_rest.py
     server_name: str = "edgeexit"
     server_version: str = "0.1.0"
 
@@ -110,7 +112,7 @@ class ServerOptions:
             raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key as well")
         if self.max_message_bytes <= 0 or self.workers <= 0:
             raise ConfigError("max message bytes and workers must be positive")
-        for what, port in (("port", self.port), ("metrics port", self.metrics_port)):
+        for what, port in (("port", self.port), ("metrics port", self.metrics_port), ("HTTP port", self.http_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigError(f"{what} {port} is not a TCP port; use 0..65535 (0 picks a free one)")
         if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
@@ -237,13 +239,23 @@ class ServerHandle:
         self.health, self.options = health_servicer, options
         self.metrics = servicer.metrics
         self.metrics_port: int | None = None
+        self.rest: RestServer | None = None  # the REST front (options.http_port), same handlers
+        self.http_port: int | None = None
 
     @property
     def target(self) -> str:
         return f"{self.options.host}:{self.port}"
 
     def start(self) -> ServerHandle:
+        o = self.options
+        if o.http_port is not None:  # bind before gRPC starts: a taken port fails the start cleanly
+            self.rest = RestServer(self.servicer, o.host, o.http_port, token=o.token, tls_cert=o.tls_cert,
+                                   tls_key=o.tls_key, tls_client_ca=o.tls_client_ca,
+                                   max_message_bytes=o.max_message_bytes)
+            self.http_port = self.rest.port
         self.server.start()
+        if self.rest is not None:
+            self.rest.start()
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.options.metrics_port, self.options.metrics_host)
         return self
@@ -251,7 +263,11 @@ class ServerHandle:
     def stop(self, grace: float | None = 5.0) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop (blocks)."""
         self.health.enter_graceful_shutdown()
+        if self.rest is not None:
+            self.rest.begin_stop()
         self.server.stop(grace).wait()
+        if self.rest is not None:
+            self.rest.close(grace)
         for h in self.servicer.handlers.values():
             close = getattr(h, "close", None)
             if callable(close):

@@ -25,6 +25,8 @@ reason auth|tls|bundle, ``cloud_unreachable``, ``cloud_ok``; see runtime/cloud_h
 0 unknown, -1 unreachable, -2 refused. "bundle": the cloud runs another bundle than this device (the agent names
 its digest on every request: a half-finished rollout), so rows are answered on the device; the log line carries
 both digests. "overloaded": the service's queue was full and the request fell back at once (not a status).
+The other agent metrics (rows per exit and decided, fallbacks by the same reasons, bytes sent, the current split,
+the link estimate, the circuit) are listed in the README's "Metrics" table.
 
 Bounds on what apps send, checked on the declared shape before anything is decompressed or run: at most
 ``max_batch_rows`` rows per request and ``max_message_bytes`` per message and per decoded tensor, as serve does.
@@ -64,21 +66,58 @@ log = logging.getLogger(__name__)
 
 
 class AgentMetrics:
-    """Agent counters, registered in the server's registry so one /metrics shows both."""
+    """Agent metrics, registered in the server's registry so one /metrics shows both (names: README "Metrics").
 
-    def __init__(self, registry: Any):
-        self.rows = Counter("edgeexit_agent_rows", "Answered rows by where they were decided", ["decided"],
-                            registry=registry)
-        self.fallbacks = Counter("edgeexit_agent_fallbacks", "Offloads that fell back, by error", ["error"],
+    Every label is bounded: ``exit`` by the bundle's exits, ``decided`` by device/cloud/device-fallback,
+    ``split`` by the bundle's split values, ``reason`` by breaker.failure_reason's fixed set.
+    """
+
+    def __init__(self, registry: Any, runtime: DeviceRuntime | None = None):
+        self.rows = Counter("edgeexit_agent_rows", "Answered rows by the exit head that answered and where it was "
+                            "decided (device, cloud, device-fallback)", ["exit", "decided"], registry=registry)
+        self.fallbacks = Counter("edgeexit_agent_fallbacks", "Offloads that fell back to the device, by reason: "
+                                 "auth, tls, bundle, overloaded, unavailable, timeout, error", ["reason"],
                                  registry=registry)
-        self.offload = Histogram("edgeexit_agent_offload_seconds", "Offload round trips that succeeded",
+        self.offload = Histogram("edgeexit_agent_offload_seconds", "Network time of the offloads that succeeded",
                                  buckets=LATENCY_BUCKETS, registry=registry)
+        self.sent = Counter("edgeexit_agent_sent_bytes", "Bytes of offloaded tensors on the wire (request payloads "
+                            "of successful offloads; link probes not counted)", registry=registry)
+        self.split = Gauge("edgeexit_agent_split", "1 for the split the last request ran with (device, cloud, N: "
+                           "segments 0..N on the device, cascade@N), 0 for the splits used before", ["split"],
+                           registry=registry)
+        self.bandwidth = Gauge("edgeexit_agent_link_bandwidth_bytes_per_second", "Uplink bandwidth the agent "
+                               "estimates from its offloads (NaN until measured)", registry=registry)
+        self.rtt = Gauge("edgeexit_agent_link_rtt_seconds", "Round-trip time to the cloud the agent estimates "
+                         "(NaN until measured)", registry=registry)
         self.circuit = Gauge("edgeexit_agent_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                              registry=registry)
         self.cloud_errors = Counter("edgeexit_agent_cloud_errors", "Failed cloud calls (offloads and health checks) "
-                                    "by reason: auth, tls, unavailable, timeout, error", ["reason"], registry=registry)
+                                    "by reason: auth, tls, bundle, overloaded, unavailable, timeout, error",
+                                    ["reason"], registry=registry)
         self.cloud_status = Gauge("edgeexit_agent_cloud_status", "The cloud: 1 ok, 0 unknown, -1 unreachable, "
-                                  "-2 refused our credentials", registry=registry)
+                                  "-2 refused (credentials or bundle)", registry=registry)
+        self._split_lock = threading.Lock()
+        self._current_split: str | None = None
+        if runtime is not None:
+            # Read at scrape time: the estimate is the link monitor's, no copy to keep in step.
+            self.bandwidth.set_function(lambda: _or_nan(runtime.link.estimate().bandwidth_bps, 1 / 8))
+            self.rtt.set_function(lambda: _or_nan(runtime.link.estimate().rtt_s))
+            self.set_split(runtime.split)
+
+    def set_split(self, split: Any) -> None:
+        """Mark ``split`` as the current one (a state set: the previous one drops to 0)."""
+        label = str(split)
+        with self._split_lock:
+            if label == self._current_split:
+                return
+            if self._current_split is not None:
+                self.split.labels(split=self._current_split).set(0)
+            self.split.labels(split=label).set(1)
+            self._current_split = label
+
+
+def _or_nan(value: float | None, scale: float = 1.0) -> float:
+    return float("nan") if value is None else value * scale
 
 
 class AgentHandler:
@@ -129,12 +168,17 @@ class AgentHandler:
     def _observe(self, res: Any) -> None:
         if self.metrics is None:
             return
+        m = self.metrics
+        exits = np.asarray(res.exits)
+        decided = np.asarray(res.decided)
         for where in DECIDED_CODES:
-            n = res.decided.count(where)
-            if n:
-                self.metrics.rows.labels(decided=where).inc(n)
+            for j, n in zip(*np.unique(exits[decided == where], return_counts=True), strict=True):
+                m.rows.labels(exit=str(int(j)), decided=where).inc(int(n))
         if res.bytes_sent:
-            self.metrics.offload.observe(res.latency.network_ms / 1000.0)
+            m.offload.observe(res.latency.network_ms / 1000.0)
+            m.sent.inc(res.bytes_sent)
+        if res.split is not None:
+            m.set_split(res.split)
 
     def close(self) -> None:
         self.runtime.close()
@@ -147,7 +191,7 @@ def _us(ms: float) -> int:
 @dataclass
 class AgentOptions:
     device: DeviceOptions = field(default_factory=DeviceOptions)
-    listen: str = "127.0.0.1:8001"  # HOST:PORT (port 0 picks one) or unix:PATH
+    listen: str = "127.0.0.1:8101"  # HOST:PORT (port 0 picks one) or unix:PATH; 8101: README, "Ports"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # /metrics is plain HTTP without auth: loopback unless asked
     # Requests served at once (gRPC handler threads), each running the device's segments and its offload: with
@@ -210,7 +254,7 @@ class Agent:
             if not self.handle.server.add_insecure_port(f"unix:{self.unix_path}"):
                 raise ConfigError(f"cannot listen on unix:{self.unix_path}; check the directory exists")
         with self._sync:
-            self.metrics = AgentMetrics(self.handle.metrics.registry)
+            self.metrics = AgentMetrics(self.handle.metrics.registry, self.runtime)
             self._cloud_changed("unknown")
             for name, fields in self._early:
                 self._record(name, fields)
@@ -257,7 +301,7 @@ class Agent:
     def _record(self, name: str, fields: dict[str, Any]) -> None:
         """One event into the metrics and the cloud's health status (with _sync held)."""
         if name == "fallback":
-            self.metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
+            self.metrics.fallbacks.labels(reason=fields.get("cause", "error")).inc()
         elif name == "circuit":
             self.metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))
         elif name == "cloud_error":

@@ -33,7 +33,7 @@ import numpy as np
 from edgeexit.bundle import Bundle, Manifest
 from edgeexit.errors import ConfigError, EdgeExitError, InvalidTensor
 from edgeexit.policies import softmax
-from edgeexit.runtime import codec, splits
+from edgeexit.runtime import breaker, codec, splits
 from edgeexit.runtime.adaptation import Adapter, AdaptOptions, Choice, build_adapter
 from edgeexit.runtime.breaker import HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.cloud_health import CloudHealth, HealthChecker
@@ -296,7 +296,8 @@ class DeviceRuntime:
             lat.network_ms = (self._clock() - t1) * 1000.0
             reason = f"{type(e).__name__}: {e}"
             log.info("offload failed, falling back (%s)", reason)
-            self._emit("fallback", rows=len(pend.rows), reason=reason, error=type(e).__name__)
+            self._emit("fallback", rows=len(pend.rows), reason=reason, error=type(e).__name__,
+                       cause=breaker.failure_reason(e))  # cause: a fixed set, the agent's metric label
             self._fallback(pend, cur, lat, split)
             return 0, reason
         elapsed = self._clock() - t1

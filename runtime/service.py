@@ -35,7 +35,8 @@ any other is NOT_FOUND, as Triton answers for a version it does not serve.
 Fleet safety: the client's deadline reaches the batcher, which drops a request whose deadline passed before its
 batch starts (DEADLINE_EXCEEDED, never computed), and the queue is bounded (``BatchOptions.max_queue`` rows,
 ``--max-queue``): a request that does not fit fails at once with RESOURCE_EXHAUSTED, so the device falls back
-instead of waiting out its deadline. Both count in ``edgeexit_server_dropped_total{reason}``.
+instead of waiting out its deadline. Both count in ``edgeexit_server_dropped_total{reason}``. Queue and compute
+times also feed ``edgeexit_server_queue_seconds{model}`` and ``edgeexit_server_compute_seconds{model}``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class TailHandler:
         self.exits = [j for seg in m.segments[start:] for j in seg.exits]
         self.max_rows, self.max_bytes = options.max_batch_rows, options.max_message_bytes
         self.version = m.model_digest()  # the only model_version served besides "" and "1" (see oip_server)
+        self.metrics = metrics
         on_batch = (lambda n: metrics.observe_batch(self.name, n)) if metrics else None
         on_drop = metrics.observe_drop if metrics else None
         self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name, on_drop=on_drop)
@@ -147,7 +149,10 @@ class TailHandler:
             if not np.isfinite(out).all():
                 raise InvalidTensor(f"{self.name}: the input drives the model to non-finite outputs ({name} has "
                                     f"NaN or inf); check the input range")
-        timing = ServerTiming(queue_us=_us(done.started - arrived), compute_us=_us(done.run_s))
+        queue_s = done.started - arrived
+        timing = ServerTiming(queue_us=_us(queue_s), compute_us=_us(done.run_s))
+        if self.metrics is not None:  # the same numbers as the response's queue_us/compute_us
+            self.metrics.observe_timing(self.name, max(queue_s, 0.0), done.run_s)
         return InferResponse(done.outputs, timing.params())
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -129,7 +129,8 @@ def test_serve_and_agent_as_real_processes(agent_bundle, raw_batch, tmp_path):
             np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(final), atol=1e-5)
             assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            assert 'edgeexit_agent_rows_total{decided="cloud"} 8.0' in body
+            deepest = len(SegmentRunner(agent_bundle).manifest.exits) - 1  # the cloud answers from the last exit
+            assert f'edgeexit_agent_rows_total{{exit="{deepest}",decided="cloud"}} 8.0' in body
             assert agent.stop() == 0  # SIGTERM: a clean stop
         events = [json.loads(line)["event"] for line in agent.log().splitlines() if line.startswith("{")]
         assert events[0] == "start" and events[-1] == "stop" and "ready" in events

@@ -22,7 +22,6 @@ import numpy as np
 
 from edgeexit.errors import ConfigError
 from edgeexit.hostport import parse_hostport
-from edgeexit.runtime.decided import to_names
 
 
 @dataclass
@@ -153,35 +152,22 @@ class AgentAnswer:
 
 
 class AgentClient:
-    """What an app on the device does: send raw pixels to the agent over OIP v2 and read the answer."""
+    """What an app on the device does: the public client (edgeexit.client), answering under the testbed's names.
+    Errors are edgeexit errors, as apps see them."""
 
     def __init__(self, target: str, model: str, timeout: float = 30.0):
-        import grpc
-
-        from edgeexit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
+        from edgeexit.client import EdgeExitClient
 
         self.model = model
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._client = EdgeExitClient(target, model=model, timeout_s=timeout)
 
     def infer(self, x: np.ndarray) -> AgentAnswer:
-        from edgeexit.runtime.oip_messages import outputs_from_pb, params_from_pb
-        from edgeexit.runtime.proto import grpc_service_pb2 as pb
-
-        x = np.ascontiguousarray(x, np.float32)
-        req = pb.ModelInferRequest(model_name=self.model)
-        req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-        req.raw_input_contents.append(x.tobytes())
-        t0 = time.perf_counter()
-        resp = self._stub.ModelInfer(req, timeout=self.timeout)
-        seconds = time.perf_counter() - t0
-        out = outputs_from_pb(resp)
-        return AgentAnswer(out["label"], out["probabilities"], out["exit"],
-                           to_names(out["decided"]), params_from_pb(resp.parameters), seconds)
+        r = self._client.infer(x)
+        return AgentAnswer(r.label, r.probabilities, r.exit, r.decided, r.params, r.seconds)
 
     def close(self) -> None:
-        self._channel.close()
+        self._client.close()
 
     def __enter__(self) -> AgentClient:
         return self

@@ -200,6 +200,7 @@ class AgentOptions:
     grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
     max_batch_rows: int = MAX_BATCH_ROWS  # rows per app request (--max-batch-rows)
     max_message_bytes: int = 64 << 20  # per app message and per decoded tensor, so zstd cannot slip past it
+    http_port: int | None = None  # also OIP v2 REST on the listen host (0 picks a port): runtime/oip_rest.py
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -216,7 +217,7 @@ class AgentOptions:
         host, port, _ = parse_listen(self.listen)
         return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, metrics_host=self.metrics_host,
                              workers=self.workers, server_name="edgeexit-agent",
-                             max_message_bytes=self.max_message_bytes)
+                             max_message_bytes=self.max_message_bytes, http_port=self.http_port)
 
 
 def parse_listen(listen: str) -> tuple[str, int, str | None]:
@@ -282,6 +283,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
+        if self.handle.http_port is not None:  # before "ready on": launchers stop reading stdout there
+            print(f"http on {self.handle.options.host}:{self.handle.http_port}", flush=True)
         print(f"ready on {self.target}", flush=True)
         # Wake up now and then: a signal that lands on one of gRPC's threads only runs its Python handler when
         # the main thread next runs Python code, and a wait without a timeout may never return to it.

@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on, independent of --listen (default 127.0.0.1): plain HTTP "
                         "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve OIP v2 over HTTP/REST (KServe v2 / Triton: tritonclient.http, curl) on the "
+                        "--listen host at this port; 0 picks a free one, printed as 'http on HOST:PORT' (default: off)")
     p.set_defaults(func=run)
 
 
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         breaker=BreakerOptions(failure_threshold=args.breaker_failures, cooldown_s=args.breaker_cooldown_s),
     )
     Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port,
-                                    metrics_host=args.metrics_host, workers=args.workers,
+                                    metrics_host=args.metrics_host, workers=args.workers, http_port=args.http_port,
                                     max_batch_rows=args.max_batch_rows,
                                     max_message_bytes=int(args.max_message_mb * (1 << 20)))).serve_forever()
     return 0

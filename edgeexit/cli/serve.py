@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on, independent of --host (default 127.0.0.1): plain HTTP "
                         "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")
+    p.add_argument("--http-port", type=int,
+                   help="also serve OIP v2 over HTTP/REST (KServe v2 / Triton: tritonclient.http, curl) on --host at "
+                        "this port, with the same TLS and token; 0 picks a free one, printed as 'http on HOST:PORT' "
+                        "(default: off)")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest request/response in MiB; larger ones get RESOURCE_EXHAUSTED (64)")
     add_backend_args(p)
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=read_token_file(args.token_file) if args.token_file else None,
         max_message_bytes=max_bytes, workers=args.workers,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
     )
     server = build_server(handlers, options, metrics).start()
     stop = threading.Event()
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     event(log, "ready", target=f"{args.host}:{server.port}", models=[h.name for h in handlers],
           metrics_port=server.metrics_port, bundle=digest, providers=handlers[0].runner.session_providers)
     print(f"serving {models} (bundle {digest}){extra}", flush=True)
+    if server.http_port is not None:  # before "ready on": launchers stop reading stdout there
+        print(f"http on {args.host}:{server.http_port}", flush=True)
     print(f"ready on {args.host}:{server.port}", flush=True)  # the line launchers wait for
     while not stop.wait(0.5):
         pass

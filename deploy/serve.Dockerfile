@@ -8,11 +8,11 @@
 # Build from the repository root (deploy/serve.Dockerfile.dockerignore keeps venvs and caches out):
 #   docker build -f deploy/serve.Dockerfile -t edgeexit-serve:0.1.0 .
 # Run with the bundle mounted read-only (the service only reads it):
-#   docker run --rm -p 8001:8001 -p 9464:9464 -v "$PWD/artifacts/camera_resnet.edgeexit:/bundle:ro" edgeexit-serve:0.1.0
+#   docker run --rm -p 8001:8001 -p 8002:8002 -v "$PWD/artifacts/camera_resnet.edgeexit:/bundle:ro" edgeexit-serve:0.1.0
 # With TLS and a token (secrets mounted read-only; the health check then needs the CA too):
 #   docker run ... -v /etc/edgeexit/serve:/run/secrets/edgeexit:ro -e EDGEEXIT_HEALTH_TLS_CA=/run/secrets/edgeexit/ca.crt \
 #     edgeexit-serve:0.1.0 /bundle --host 0.0.0.0 --tls-cert /run/secrets/edgeexit/tls.crt \
-#     --tls-key /run/secrets/edgeexit/tls.key --token-file /run/secrets/edgeexit/token --metrics-port 9464 --metrics-host 0.0.0.0
+#     --tls-key /run/secrets/edgeexit/tls.key --token-file /run/secrets/edgeexit/token --metrics-port 8002 --metrics-host 0.0.0.0
 
 # Minor-version tag; pin the digest (python:3.11-slim-bookworm@sha256:...) in your registry mirror: no registry
 # was reachable from here to resolve one.
@@ -44,12 +44,12 @@ COPY deploy/healthcheck.py /opt/edgeexit/healthcheck.py
 RUN groupadd --system --gid 10001 edgeexit \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin edgeexit
 USER 10001:10001
-EXPOSE 8001 9464
+EXPOSE 8001 8002
 # SIGTERM: health turns NOT_SERVING, in-flight requests drain (--drain-seconds), exit 0.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "/opt/edgeexit/healthcheck.py"]
 ENTRYPOINT ["edgeexit", "serve"]
 # The bundle is mounted at /bundle (read-only); listen on all interfaces inside the container. /metrics is
-# plain HTTP without auth: publish 9464 only where a firewall or proxy guards it.
-CMD ["/bundle", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "9464", "--metrics-host", "0.0.0.0"]
+# plain HTTP without auth: publish 8002 only where a firewall or proxy guards it.
+CMD ["/bundle", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", "--metrics-host", "0.0.0.0"]

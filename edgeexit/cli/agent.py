@@ -45,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None,
                    help="exit policy kind (confidence, entropy, margin, patience, ensemble, never); "
                         "default: the bundle's calibrated policy (never exit early if uncalibrated)")
-    p.add_argument("--listen", default="127.0.0.1:8001", metavar="HOST:PORT|unix:PATH",
-                   help="where apps reach the agent (default 127.0.0.1:8001; port 0 picks one)")
+    p.add_argument("--listen", default="127.0.0.1:8101", metavar="HOST:PORT|unix:PATH",
+                   help="where apps reach the agent (default 127.0.0.1:8101, apart from serve's and Triton's 8001: "
+                        "README, 'Ports'; port 0 picks one)")
     p.add_argument("--deadline-ms", type=float, default=1000.0, help="per-request budget (default 1000)")
     p.add_argument("--encoding", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="boundary tensor wire encoding (int8 uses the bundle's calibrated scale)")
@@ -78,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 256, as serve)")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest app message, and largest decoded (decompressed) input tensor, in MiB (default 64)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (8102 by convention: README, 'Ports')")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on, independent of --listen (default 127.0.0.1): plain HTTP "
                         "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="batches of one model computed at the same time, like Triton's instance count (default: "
                         "cores / --threads, so batching uses every core as unbatched requests do)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (16)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics over HTTP on this port (8002 by convention, as Triton's)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on, independent of --host (default 127.0.0.1): plain HTTP "
                         "without TLS or token, so keep it on loopback unless a proxy or firewall guards it")

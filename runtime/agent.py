@@ -25,6 +25,8 @@ reason auth|tls|bundle, ``cloud_unreachable``, ``cloud_ok``; see runtime/cloud_h
 0 unknown, -1 unreachable, -2 refused. "bundle": the cloud runs another bundle than this device (the agent names
 its digest on every request: a half-finished rollout), so rows are answered on the device; the log line carries
 both digests. "overloaded": the service's queue was full and the request fell back at once (not a status).
+The other agent metrics (rows per exit and decided, fallbacks by the same reasons, bytes sent, the current split,
+the link estimate, the circuit) are listed in the README's "Metrics" table.
 
 Bounds on what apps send, checked on the declared shape before anything is decompressed or run: at most
 ``max_batch_rows`` rows per request and ``max_message_bytes`` per message and per decoded tensor, as serve does.
@@ -64,21 +66,58 @@ log = logging.getLogger(__name__)
 
 
 class AgentMetrics:
-    """Agent counters, registered in the server's registry so one /metrics shows both."""
+    """Agent metrics, registered in the server's registry so one /metrics shows both (names: README "Metrics").
 
-    def __init__(self, registry: Any):
-        self.rows = Counter("edgeexit_agent_rows", "Answered rows by where they were decided", ["decided"],
-                            registry=registry)
-        self.fallbacks = Counter("edgeexit_agent_fallbacks", "Offloads that fell back, by error", ["error"],
+    Every label is bounded: ``exit`` by the bundle's exits, ``decided`` by device/cloud/device-fallback,
+    ``split`` by the bundle's split values, ``reason`` by breaker.failure_reason's fixed set.
+    """
+
+    def __init__(self, registry: Any, runtime: DeviceRuntime | None = None):
+        self.rows = Counter("edgeexit_agent_rows", "Answered rows by the exit head that answered and where it was "
+                            "decided (device, cloud, device-fallback)", ["exit", "decided"], registry=registry)
+        self.fallbacks = Counter("edgeexit_agent_fallbacks", "Offloads that fell back to the device, by reason: "
+                                 "auth, tls, bundle, overloaded, unavailable, timeout, error", ["reason"],
                                  registry=registry)
-        self.offload = Histogram("edgeexit_agent_offload_seconds", "Offload round trips that succeeded",
+        self.offload = Histogram("edgeexit_agent_offload_seconds", "Network time of the offloads that succeeded",
                                  buckets=LATENCY_BUCKETS, registry=registry)
+        self.sent = Counter("edgeexit_agent_sent_bytes", "Bytes of offloaded tensors on the wire (request payloads "
+                            "of successful offloads; link probes not counted)", registry=registry)
+        self.split = Gauge("edgeexit_agent_split", "1 for the split the last request ran with (device, cloud, N: "
+                           "segments 0..N on the device, cascade@N), 0 for the splits used before", ["split"],
+                           registry=registry)
+        self.bandwidth = Gauge("edgeexit_agent_link_bandwidth_bytes_per_second", "Uplink bandwidth the agent "
+                               "estimates from its offloads (NaN until measured)", registry=registry)
+        self.rtt = Gauge("edgeexit_agent_link_rtt_seconds", "Round-trip time to the cloud the agent estimates "
+                         "(NaN until measured)", registry=registry)
         self.circuit = Gauge("edgeexit_agent_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                              registry=registry)
         self.cloud_errors = Counter("edgeexit_agent_cloud_errors", "Failed cloud calls (offloads and health checks) "
-                                    "by reason: auth, tls, unavailable, timeout, error", ["reason"], registry=registry)
+                                    "by reason: auth, tls, bundle, overloaded, unavailable, timeout, error",
+                                    ["reason"], registry=registry)
         self.cloud_status = Gauge("edgeexit_agent_cloud_status", "The cloud: 1 ok, 0 unknown, -1 unreachable, "
-                                  "-2 refused our credentials", registry=registry)
+                                  "-2 refused (credentials or bundle)", registry=registry)
+        self._split_lock = threading.Lock()
+        self._current_split: str | None = None
+        if runtime is not None:
+            # Read at scrape time: the estimate is the link monitor's, no copy to keep in step.
+            self.bandwidth.set_function(lambda: _or_nan(runtime.link.estimate().bandwidth_bps, 1 / 8))
+            self.rtt.set_function(lambda: _or_nan(runtime.link.estimate().rtt_s))
+            self.set_split(runtime.split)
+
+    def set_split(self, split: Any) -> None:
+        """Mark ``split`` as the current one (a state set: the previous one drops to 0)."""
+        label = str(split)
+        with self._split_lock:
+            if label == self._current_split:
+                return
+            if self._current_split is not None:
+                self.split.labels(split=self._current_split).set(0)
+            self.split.labels(split=label).set(1)
+            self._current_split = label
+
+
+def _or_nan(value: float | None, scale: float = 1.0) -> float:
+    return float("nan") if value is None else value * scale
 
 
 class AgentHandler:
@@ -129,12 +168,17 @@ class AgentHandler:
     def _observe(self, res: Any) -> None:
         if self.metrics is None:
             return
+        m = self.metrics
+        exits = np.asarray(res.exits)
+        decided = np.asarray(res.decided)
         for where in DECIDED_CODES:
-            n = res.decided.count(where)
-            if n:
-                self.metrics.rows.labels(decided=where).inc(n)
+            for j, n in zip(*np.unique(exits[decided == where], return_counts=True), strict=True):
+                m.rows.labels(exit=str(int(j)), decided=where).inc(int(n))
         if res.bytes_sent:
-            self.metrics.offload.observe(res.latency.network_ms / 1000.0)
+            m.offload.observe(res.latency.network_ms / 1000.0)
+            m.sent.inc(res.bytes_sent)
+        if res.split is not None:
+            m.set_split(res.split)
 
     def close(self) -> None:
         self.runtime.close()
@@ -156,6 +200,7 @@ class AgentOptions:
     grace_s: float = 5.0  # how long SIGTERM waits for in-flight requests
     max_batch_rows: int = MAX_BATCH_ROWS  # rows per app request (--max-batch-rows)
     max_message_bytes: int = 64 << 20  # per app message and per decoded tensor, so zstd cannot slip past it
+    http_port: int | None = None  # also OIP v2 REST on the listen host (0 picks a port): runtime/oip_rest.py
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -172,7 +217,7 @@ class AgentOptions:
         host, port, _ = parse_listen(self.listen)
         return ServerOptions(host=host, port=port, metrics_port=self.metrics_port, metrics_host=self.metrics_host,
                              workers=self.workers, server_name="edgeexit-agent",
-                             max_message_bytes=self.max_message_bytes)
+                             max_message_bytes=self.max_message_bytes, http_port=self.http_port)
 
 
 def parse_listen(listen: str) -> tuple[str, int, str | None]:
@@ -210,7 +255,7 @@ class Agent:
             if not self.handle.server.add_insecure_port(f"unix:{self.unix_path}"):
                 raise ConfigError(f"cannot listen on unix:{self.unix_path}; check the directory exists")
         with self._sync:
-            self.metrics = AgentMetrics(self.handle.metrics.registry)
+            self.metrics = AgentMetrics(self.handle.metrics.registry, self.runtime)
             self._cloud_changed("unknown")
             for name, fields in self._early:
                 self._record(name, fields)
@@ -238,6 +283,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
+        if self.handle.http_port is not None:  # before "ready on": launchers stop reading stdout there
+            print(f"http on {self.handle.options.host}:{self.handle.http_port}", flush=True)
         print(f"ready on {self.target}", flush=True)
         # Wake up now and then: a signal that lands on one of gRPC's threads only runs its Python handler when
         # the main thread next runs Python code, and a wait without a timeout may never return to it.
@@ -257,7 +304,7 @@ class Agent:
     def _record(self, name: str, fields: dict[str, Any]) -> None:
         """One event into the metrics and the cloud's health status (with _sync held)."""
         if name == "fallback":
-            self.metrics.fallbacks.labels(error=fields.get("error", "?")).inc()
+            self.metrics.fallbacks.labels(reason=fields.get("cause", "error")).inc()
         elif name == "circuit":
             self.metrics.circuit.set(CIRCUIT_STATES.get(fields.get("new", ""), -1))
         elif name == "cloud_error":

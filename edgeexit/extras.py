@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from edgeexit.errors import ConfigError
 
+# The base install's distributions (pyproject.toml `dependencies`).
+BASE: frozenset[str] = frozenset({"numpy", "grpcio", "protobuf"})
 # Top-level module -> the extra that brings it (the first one listed for a module that several extras carry).
 MODULE_EXTRA: dict[str, str] = {
     "onnxruntime": "device",
@@ -24,6 +26,12 @@ MODULE_EXTRA: dict[str, str] = {
     "matplotlib": "plot",
     "mlxtend": "data",
     "sklearn": "data",
+}
+# Distribution names pip knows, where they differ from the module's.
+DISTRIBUTION: dict[str, str] = {
+    "grpc_health": "grpcio-health-checking", "prometheus_client": "prometheus-client",
+    "ai_edge_litert": "ai-edge-litert", "litert_torch": "litert-torch", "ai_edge_quantizer": "ai-edge-quantizer",
+    "sklearn": "scikit-learn",
 }
 # What a command's own extra is: suggested first when it carries the missing module.
 COMMAND_EXTRA: dict[str, str] = {
@@ -64,7 +72,8 @@ def missing_extra(exc: ModuleNotFoundError, command: str | None = None) -> Confi
     if extra is None:
         return None
     who = f"edgeexit {command}" if command else "this"
-    return ConfigError(f"{who} needs the Python package {name.split('.')[0]!r}, which this install lacks: "
+    top = name.split(".")[0]
+    return ConfigError(f"{who} needs the Python package {DISTRIBUTION.get(top, top)!r}, which this install lacks: "
                        f"install it with pip install \"edgeexit[{extra}]\" (README, \"Install\")")
 
 

@@ -15,7 +15,7 @@ CAMERA_PT2 := edgeexit/reference/camera_resnet.pt2
 CAMERA     := $(ART)/camera_resnet.edgeexit
 CAMERA_READY := $(ART)/.camera-ready
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast check-extras bench lint clean
 
 setup: $(SETUP) $(TRITON_SETUP)
 
@@ -26,7 +26,8 @@ $(SETUP): pyproject.toml constraints.txt
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2 \
 	  libpython3.11; fi
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -c constraints.txt -e ".[export,tflite,tflite-export,data,plot,dev]"
+	@# Every extra the tests need but gpu (onnxruntime-gpu would overwrite onnxruntime's package).
+	$(PY) -m pip install -q -c constraints.txt -e ".[device,serve,triton,export,tflite,tflite-export,data,plot,dev]"
 	@# The real Triton server (edgeexit triton): --no-deps, the wheel's own pins (numpy<2, tritonclient~=2.50)
 	@# conflict with ours and the server binary needs none of them.
 	$(PY) -m pip install -q --no-deps -c constraints.txt nvidia-pytriton
@@ -74,6 +75,11 @@ test: $(SETUP)
 
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# Each install path of the README (client, device, serve, export) in its own fresh venv, then its check command
+# (tests/test_extras_install.py; several minutes: not part of `make test`, `.ci/run` runs it).
+check-extras: $(SETUP)
+	EDGEEXIT_CHECK_EXTRAS=1 $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_extras_install.py
 
 bench: $(SETUP) $(MODEL) $(CAMERA_READY)
 	$(PY) -m edgeexit bench --bundle $(CAMERA)

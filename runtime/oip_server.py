@@ -150,6 +150,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_status
     def ModelReady(self, request, context):
+        # An unknown model or version is ready=false, not NOT_FOUND: Triton's answer (kept on purpose, core#508),
+        # and tritonclient's and KServe's is_model_ready then return False instead of raising (README, wire).
         h = self.handlers.get(request.name)
         return pb.ModelReadyResponse(ready=bool(h is not None and _serves_version(h, request.version) and h.ready()))
 

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# Container image of `edgeexit serve` (the cloud offload service): the base install, no torch, non-root.
+# Container image of `edgeexit serve` (the cloud offload service): the serve extra, no torch, non-root.
 # NOT RUN HERE: these machines have no Docker engine, so this image was never built or started. Checked here
-# (tests/test_deploy_files.py): every path it COPYs exists, the pip install pins the base install only
+# (tests/test_deploy_files.py): every path it COPYs exists, the pip install pins the serve extra only
 # (no extras, so no torch), its ENTRYPOINT + CMD parse as `edgeexit serve` flags, and deploy/healthcheck.py
 # answers against a real `edgeexit serve` (plaintext and TLS).
 #
@@ -26,10 +26,10 @@ COPY edgeexit/ edgeexit/
 COPY runtime/ runtime/
 COPY exporters/ exporters/
 COPY devices/ devices/
-# The base install only: every dependency is pinned (== in pyproject.toml, and constraints.txt for the
-# transitive ones). No extras, so no torch; the last line fails the build if torch slipped in anyway.
+# The serve extra only: every dependency is pinned (== in pyproject.toml, and constraints.txt for the
+# transitive ones). No export extra, so no torch; the next line fails the build if torch slipped in anyway.
 RUN python -m venv /opt/edgeexit/venv \
- && /opt/edgeexit/venv/bin/pip install -c constraints.txt . \
+ && /opt/edgeexit/venv/bin/pip install -c constraints.txt '.[serve]' \
  && /opt/edgeexit/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
  && /opt/edgeexit/venv/bin/edgeexit serve --help > /dev/null
 

@@ -106,6 +106,7 @@ def test_text_output_one_line_per_check(service_bundle, capsys) -> None:
     assert "gRPC carries no server time" in out  # says what the clock check does not do
 
 
+@pytest.mark.timeout(60)  # were the import to succeed, the agent would serve until stopped
 def test_a_missing_package_names_its_extra(monkeypatch, service_bundle, capsys) -> None:
     # As on a client-only install: the agent's module imports prometheus_client, which is not there.
     monkeypatch.delitem(sys.modules, "edgeexit.runtime.agent", raising=False)

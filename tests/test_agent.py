@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgeexit.errors import ConfigError
 from edgeexit.logs import JsonFormatter
@@ -130,7 +131,9 @@ def test_serve_and_agent_as_real_processes(agent_bundle, raw_batch, tmp_path):
             assert (res.as_numpy("decided") == DECIDED_CODES[CLOUD]).all()
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             deepest = len(SegmentRunner(agent_bundle).manifest.exits) - 1  # the cloud answers from the last exit
-            assert f'edgeexit_agent_rows_total{{exit="{deepest}",decided="cloud"}} 8.0' in body
+            rows = {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(body)
+                    for s in fam.samples if s.name == "edgeexit_agent_rows_total"}
+            assert rows == {(("decided", "cloud"), ("exit", str(deepest))): 8.0}
             assert agent.stop() == 0  # SIGTERM: a clean stop
         events = [json.loads(line)["event"] for line in agent.log().splitlines() if line.startswith("{")]
         assert events[0] == "start" and events[-1] == "stop" and "ready" in events

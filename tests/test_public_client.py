@@ -203,3 +203,14 @@ def test_every_status_becomes_an_error_naming_the_agent(code, message, cls):
     err = app_error_for(code, message, "127.0.0.1:8001")
     assert type(err) is cls and message in str(err)
     assert "127.0.0.1:8001" in str(err) or cls is Overloaded
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(device_agent, local):
+    text = (ROOT / "README.md").read_text()
+    code = text.split("<!-- for-apps -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert '"127.0.0.1:8101"' in code  # the agent's default --listen; this test's agent took a free port
+    out = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:8101", device_agent.target)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{local.model_name} [") and "ms in the agent" in out.stdout

@@ -22,6 +22,8 @@ ENCODINGS = ("fp32", "fp16", "int8")
 DATATYPES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
 NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8, "UINT8": np.uint8}
 PIXELS = "UINT8"  # raw [0, 1] pixels, 1 byte each: k on the wire means k/255
+INPUT_DATATYPES = ("FP32", "FP16", PIXELS)  # what the whole model <model> takes: raw [0, 1] pixels
+BOUNDARY_DATATYPES = ("FP32", "FP16", "INT8")  # what a tail <model>@<split> takes: a boundary tensor
 _PIXEL_LEVELS = np.float32(255.0)
 # How far from a level k/255 (in units of one level) a pixel may be and still travel as UINT8: float32
 # arithmetic puts a k/255 computed another way (e.g. k * (1/255), or in float64 then cast) within ~1e-4.
@@ -131,8 +133,9 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
     """
     params = params or {}
     if datatype not in NUMPY:
-        raise InvalidTensor(f"datatype {datatype!r} is not a boundary encoding; send one of {sorted(NUMPY)} "
-                            f"({PIXELS} only as the whole model's raw input)")
+        raise InvalidTensor(f"datatype {str(datatype)[:20]!r} is not on the wire: send "
+                            f"{describe_datatypes(INPUT_DATATYPES)} to <model>, "
+                            f"{describe_datatypes(BOUNDARY_DATATYPES)} to <model>@<split>")
     dims = check_shape(shape)
     dtype = NUMPY[datatype]
     expected = tensor_bytes(dims, np.dtype(dtype).itemsize)
@@ -158,6 +161,19 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
     if not np.isfinite(out).all():
         raise InvalidTensor("tensor contains NaN or inf; check the device side's computation")
     return out
+
+
+def describe_datatypes(datatypes: tuple[str, ...] | list[str]) -> str:
+    """What a model takes, in words for an error message: raw pixels, a boundary tensor, or just the names."""
+    names = list(datatypes)
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+    if set(names) <= set(INPUT_DATATYPES):
+        note = f" ({PIXELS}: k means k/255)" if PIXELS in names else ""
+        return f"raw [0, 1] pixels as {listed}{note}"
+    if set(names) <= set(BOUNDARY_DATATYPES):
+        note = f" (INT8 with {P_SCALE} and {P_ZERO})" if "INT8" in names else ""
+        return f"the boundary tensor as {listed}{note}"
+    return listed
 
 
 def check_shape(shape: list[int]) -> list[int]:

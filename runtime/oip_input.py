@@ -32,7 +32,8 @@ def decode_input(request: InferRequest, model: str, name: str, datatypes: Collec
     if got != name:
         raise InvalidTensor(f"{model} takes input {name!r}, not {got[:100]!r}")
     if datatypes is not None and t.datatype not in datatypes:
-        raise InvalidTensor(f"{model}: send input {name!r} as {' or '.join(datatypes)}, not {t.datatype[:20]}")
+        raise InvalidTensor(f"{model}: input {name!r} takes {codec.describe_datatypes(tuple(datatypes))}, "
+                            f"not {t.datatype[:20]}")
     dims = codec.check_shape(t.shape)
     if shape is not None:
         check_declared_shape(dims, shape, name)

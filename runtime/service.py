@@ -125,7 +125,8 @@ class TailHandler:
         if t is not None and t.datatype == codec.PIXELS and self.start != 0:
             raise InvalidTensor(f"{self.name}: {codec.PIXELS} is only for raw pixels sent to "
                                 f"{self.runner.manifest.name!r}; send the boundary tensor as FP32, FP16 or INT8")
-        x = decode_input(request, self.name, self.input_spec.name, shape=self.input_spec.shape,
+        accepts = codec.INPUT_DATATYPES if self.start == 0 else codec.BOUNDARY_DATATYPES  # so errors fit the model
+        x = decode_input(request, self.name, self.input_spec.name, accepts, shape=self.input_spec.shape,
                          max_rows=self.max_rows, max_bytes=self.max_bytes)
         check_tensor(x, self.input_spec)
         return x

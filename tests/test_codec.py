@@ -51,7 +51,7 @@ def test_int8_without_calibration_says_what_to_do(relu_tensor):
     [
         (lambda w: (w.data[:-4], w.datatype, w.shape, w.params), "needs .* bytes"),
         (lambda w: (w.data + b"\0" * 4, w.datatype, w.shape, w.params), "needs .* bytes"),
-        (lambda w: (w.data, "INT64", w.shape, w.params), "not a boundary encoding"),
+        (lambda w: (w.data, "INT64", w.shape, w.params), "is not on the wire"),
         (lambda w: (w.data, w.datatype, [3, -16, 7, 7], w.params), "negative"),
         (lambda w: (w.data, w.datatype, w.shape, {codec.P_COMPRESSION: "gzip"}), "unknown compression"),
         (lambda w: (b"garbage", w.datatype, w.shape, {codec.P_COMPRESSION: "zstd"}), "zstd"),

@@ -44,7 +44,7 @@ def test_refusals_say_what_to_send():
         decode_input(InferRequest("m", {}), "m", "input")
     with pytest.raises(InvalidTensor, match="takes input 'input', not 'x'"):
         decode_input(_request(x, name="x"), "m", "input")
-    with pytest.raises(InvalidTensor, match="send input 'input' as FP32 or FP16, not INT8"):
+    with pytest.raises(InvalidTensor, match=r"input 'input' takes raw \[0, 1\] pixels as FP32 or FP16, not INT8"):
         t = InputTensor("INT8", [2], b"\x00\x01", {codec.P_SCALE: 0.1, codec.P_ZERO: 0})
         decode_input(InferRequest("m", {"input": t}), "m", "input", ("FP32", "FP16"))
     bad_scale = InputTensor("INT8", [2], b"\x00\x01", {codec.P_SCALE: "abc", codec.P_ZERO: 0})

@@ -75,7 +75,7 @@ def _cases(shape: list[int]) -> list[Case]:
         Case("wrong shape", C.INVALID_ARGUMENT, shape=[shape[0], *[d + 1 for d in shape[1:]]],
              raw=bytes(shape[0] * int(np.prod([d + 1 for d in shape[1:]]))), message="shape"),
         Case("wrong rank", C.INVALID_ARGUMENT, shape=[n], message="shape"),
-        Case("wrong dtype", C.INVALID_ARGUMENT, datatype="FP64", message="not a boundary encoding"),
+        Case("wrong dtype", C.INVALID_ARGUMENT, datatype="FP64", message="boundary tensor as FP32, FP16 or INT8"),
         Case("short bytes", C.INVALID_ARGUMENT, raw=bytes(n - 1), message="needs"),
         Case("extra bytes", C.INVALID_ARGUMENT, raw=bytes(n + 1), message="needs"),
         Case("int8 without scale", C.INVALID_ARGUMENT, drop_params=(codec.P_SCALE,), message=codec.P_SCALE),

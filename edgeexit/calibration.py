@@ -166,6 +166,17 @@ class CalibrationOptions:
     learn_fraction: float = 0.3  # pareto: share of the calibration rows that only shape the sequence
     seed: int = 0  # pareto: the learn/test partition
 
+    def rows_needed(self) -> int:
+        """The fewest calibration rows with which even a zero-loss setting can pass (the pareto scheme tests only
+        the rows it did not learn on): below it calibration can only answer "never exit early"."""
+        min_test = math.ceil(math.log(self.delta) / math.log1p(-self.epsilon))
+        if self.scheme != "pareto":
+            return min_test
+        n = math.ceil(min_test / (1.0 - self.learn_fraction))
+        while n - int(round(n * self.learn_fraction)) < min_test:  # calibrate() rounds the learn part
+            n += 1
+        return n
+
     def check(self) -> None:
         if self.kind not in KINDS or self.kind == "never":
             raise ConfigError(f"unknown policy {self.kind!r} to calibrate; choose one of "
@@ -183,6 +194,7 @@ class CalibrationOptions:
 
 
 def check_split(split: str) -> None:
+    """Refuse train and test; ``val`` (a named dataset's calibration split) and ``all`` (a user file) pass."""
     if split in FORBIDDEN_SPLITS:
         raise ConfigError(f"refusing to calibrate on the {split!r} split: {FORBIDDEN_SPLITS[split]}. "
                           "Use --split val (carved from the training data and never trained on)")
@@ -340,10 +352,15 @@ def calibrate(logits: list[np.ndarray], manifest: Manifest, options: Calibration
     final_acc = float((final == labels).mean()) if labels is not None else None
     if chosen < 0:
         min_n = math.ceil(math.log(options.delta) / math.log1p(-options.epsilon))
+        need = options.rows_needed() if scheme == "pareto" else min_n
         msg = (f"no threshold satisfies risk <= {options.epsilon} with probability >= {1 - options.delta} "
                f"({options.mode} mode, {len(test)} test rows of n={n}; even the most conservative setting has "
                f"{int(gl.losses[0, test].sum())} losses, and a zero-loss setting needs >= {min_n} test rows): "
                "falling back to NEVER exiting early")
+        if n < need:
+            msg += (f". Too few rows: epsilon {options.epsilon} and delta {options.delta} need at least {need} "
+                    f"calibration rows ({scheme} scheme) and {n} were given; give more rows, or a larger "
+                    "--epsilon or --delta")
         never = never_exit(len(manifest.exits))
         stats = _exit_stats(manifest, np.full(n, len(manifest.exits) - 1), final, final, labels)
         return CalibrationResult(never, options, n, -1, candidates, stats, msg, final_acc, scheme)

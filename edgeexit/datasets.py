@@ -9,6 +9,9 @@ for calibration) and ``test`` (the official test split where one exists, otherwi
 
 ``<name>-<N>`` (e.g. ``fashion-mnist-96``) is any built-in dataset resized to N x N: bilinear, then rounded to
 k/255 like an 8-bit camera frame, so the input travels exactly as uint8.
+
+A user's ``.npz`` also takes the split ``all``: the whole file, which is what ``edgeexit calibrate`` uses unless
+asked otherwise. Its ``train``/``val``/``test`` are carved with the fixed seed (20% test, 10% val, the rest train).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from edgeexit.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "mnist-5k", "digits")
 SPLITS = ("train", "val", "test")
+WHOLE = "all"  # a user .npz only: every row of the file, uncarved
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "EDGEEXIT_FASHION_MNIST_DIR"
 # The seed that carves val (and, where there is no official one, test) out of the training data. Changing it
@@ -50,9 +54,13 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
     """Load ``split`` of dataset ``name`` (one of :data:`DATASETS` or a path to a ``.npz`` with x and y).
 
     ``limit`` keeps the first N samples of the split (the split order is fixed, so this is deterministic).
+    ``split="all"`` (:data:`WHOLE`) is the whole file of a user ``.npz``; the named datasets keep their splits.
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split == WHOLE and not is_user_file(name):
+        raise ConfigError(f"split {WHOLE!r} is only for a user .npz file; the named datasets keep their "
+                          f"{', '.join(SPLITS)} splits: use --split val")
+    if split not in (*SPLITS, WHOLE):
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (or {WHOLE!r} for a .npz file)")
     if limit is not None and limit <= 0:
         raise ConfigError(f"limit must be a positive number of samples, got {limit}")
     if (resized := resized_name(name)) is not None:
@@ -71,6 +79,11 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+def is_user_file(name: str) -> bool:
+    """True for a user's .npz path, False for a built-in dataset name (or a resized one)."""
+    return name not in DATASETS and resized_name(name) is None and (name.endswith(".npz") or Path(name).is_file())
 
 
 def resized_name(name: str) -> tuple[str, int] | None:
@@ -195,8 +208,10 @@ def _full_small(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A user .npz: carved like the small datasets (20% test, 10% val, the rest train), fixed seed."""
+    """A user .npz: whole (``all``), or carved like the small datasets (20% test, 10% val, the rest train)."""
     x, y = _load_npz(path)
+    if split == WHOLE:
+        return x, y
     idx = _split_indices(len(x), {"test": max(1, len(x) // 5), "val": max(1, len(x) // 10)})[split]
     return x[idx], y[idx]
 

@@ -3,7 +3,8 @@
 With probability >= 1 - delta over the calibration sample, the early-exit answer disagrees with the final
 exit on at most epsilon of inputs (--mode consistency), or loses at most epsilon accuracy against it
 (--mode accuracy). The result (policy, thresholds, per-exit statistics, every candidate setting) is written
-into the bundle's manifest. Calibrate on --split val only: never on train or test.
+into the bundle's manifest. A named dataset calibrates on its val split (never train or test); a user's .npz
+file is used whole unless --split val asks for its fixed 10% carve. The output says how many rows were used.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate exit thresholds with a risk guarantee", description=__doc__)
     p.add_argument("bundle", help="path to NAME.edgeexit")
     p.add_argument("--data", default="fashion-mnist", help="dataset name or .npz path (default fashion-mnist)")
-    p.add_argument("--split", default="val", help="calibration split: val (train and test are refused)")
+    p.add_argument("--split", choices=["val", "all", "train", "test"],
+                   help="named datasets: val (the default; train and test are refused). A .npz file is used whole "
+                        "(all, its default); --split val takes its fixed 10%% carve instead (the rows "
+                        "`edgeexit train` keeps out of training when it trains on that file)")
     p.add_argument("--policy", default="confidence",
                    choices=["confidence", "entropy", "margin", "patience", "ensemble"])
     p.add_argument("--epsilon", type=float, default=0.01, help="risk level (default 0.01)")
@@ -43,17 +47,23 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.reports import markdown_table
     from edgeexit.runtime.runner import SegmentRunner
 
-    check_split(args.split)  # before any work: a wrong split is a mistake, not a warning
+    user_file = datasets.is_user_file(args.data)
+    split = args.split or (datasets.WHOLE if user_file else "val")
+    check_split(split)  # before any work: a wrong split is a mistake, not a warning
     params = {"k": args.k} if args.policy == "patience" else {}
     options = CalibrationOptions(args.policy, args.epsilon, args.delta, args.mode, params, args.scheme)
     options.check()
     bundle = Bundle.load(args.bundle)
-    x, y = datasets.load(args.data, args.split, args.limit)
+    x, y = datasets.load(args.data, split, args.limit)
+    print(f"calibrating on {len(x)} rows: {_source(args.data, split, args.limit, user_file)}")
+    if len(x) < options.rows_needed():
+        print(f"note: epsilon {options.epsilon} and delta {options.delta} need at least {options.rows_needed()} rows "
+              f"({options.scheme} scheme) for any early exit to pass; with {len(x)} expect 'never exit early'")
     runner = SegmentRunner(bundle, args.backend)
     with ProgressBar(len(x), not args.no_progress, "exit logits") as bar:
         logits = collect_logits(runner, x, args.batch_size, progress=bar.update)
     result = calibrate(logits, bundle.manifest, options, labels=y)
-    bundle.manifest.policy = result.to_manifest(args.split, args.data)
+    bundle.manifest.policy = result.to_manifest(split, args.data)
     bundle.save()
     if not result.calibrated:
         logging.getLogger("edgeexit.calibrate").warning(result.message)
@@ -67,3 +77,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote policy {bundle.manifest.policy['kind']!r} with thresholds "
           f"{bundle.manifest.policy['thresholds']} into {bundle.root / 'manifest.json'}")
     return 0
+
+
+def _source(data: str, split: str, limit: int | None, user_file: bool) -> str:
+    """Where the calibration rows came from, in words."""
+    from edgeexit.datasets import WHOLE
+
+    if split == WHOLE:
+        what = f"all of {data}"
+    elif user_file:
+        what = f"the {split!r} carve of {data} (a fixed 10%; omit --split to use the whole file)"
+    else:
+        what = f"the {split!r} split of {data}"
+    return f"the first {limit} of {what}" if limit is not None else what

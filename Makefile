@@ -8,6 +8,9 @@ SETUP   := .venv/.setup-done
 # The Triton models' own Python environment (numpy<2: Triton 2.51's Python backend answers every request with an
 # empty response under numpy 2); `edgeexit triton` finds it here.
 TRITON_ENV   := .venv-triton
+# KServe's own gRPC client for tests/test_kserve_client.py: kserve 0.21 needs protobuf<7, so a venv of its own.
+KSERVE_ENV   := .venv-kserve
+KSERVE_SETUP := $(KSERVE_ENV)/.setup-done
 TRITON_SETUP := $(TRITON_ENV)/.setup-done
 READY   := $(ART)/.bundle-ready  # exported, calibrated and profiled
 # The camera-class reference ships trained (edgeexit/reference/camera_resnet.md): demo and bench never train it.
@@ -17,7 +20,7 @@ CAMERA_READY := $(ART)/.camera-ready
 
 .PHONY: setup demo test test-fast check-extras bench lint clean
 
-setup: $(SETUP) $(TRITON_SETUP)
+setup: $(SETUP) $(TRITON_SETUP) $(KSERVE_SETUP)
 
 $(SETUP): pyproject.toml constraints.txt
 	@if [ "$$(id -u)" = 0 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || \
@@ -38,6 +41,11 @@ $(TRITON_SETUP): constraints-triton.txt pyproject.toml | $(SETUP)
 	$(TRITON_ENV)/bin/python -m pip install -q -c constraints-triton.txt numpy onnxruntime zstandard
 	$(TRITON_ENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(TRITON_SETUP)
+
+$(KSERVE_SETUP): constraints-kserve.txt
+	test -x $(KSERVE_ENV)/bin/python || python3 -m venv $(KSERVE_ENV)
+	$(KSERVE_ENV)/bin/python -m pip install -q -c constraints-kserve.txt kserve numpy
+	touch $(KSERVE_SETUP)
 
 $(MODEL): | $(SETUP)
 	@mkdir -p $(ART)
@@ -70,10 +78,10 @@ demo: $(SETUP) $(CAMERA_READY)
 	@echo "== real serve + agents, EMULATED Raspberry Pi 4, EMULATED 4g then wifi link: the planner vs device-/cloud-only"
 	$(PY) -m edgeexit demo $(CAMERA) --networks 4g,wifi --emulate-device raspberry-pi-4
 
-test: $(SETUP)
+test: setup
 	$(PY) -m pytest -q -ra
 
-test-fast: $(SETUP)
+test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # Each install path of the README (client, device, serve, export) in its own fresh venv, then its check command

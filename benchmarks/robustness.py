@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from edgeexit.runtime.decided import CLOUD, FALLBACK  # noqa: E402
 from edgeexit.runtime.runner import SegmentRunner  # noqa: E402
 from edgeexit.testbed.fuzz import answer_problems, fuzz, fuzz_targets, rss_kb  # noqa: E402
-from edgeexit.testbed.harness import AgentClient, Proc, launch  # noqa: E402
+from edgeexit.testbed.harness import AgentClient, Pacer, Proc, launch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -77,37 +77,6 @@ def run_fuzz(bundle: Path, logs: Path, requests: int, seed: int) -> dict[str, An
 
 
 # ---------------------------------------------------------------- recovery
-class Pacer:
-    """An app sending one row every ``every`` s from a thread: (wall time, decided) per answer, failures kept."""
-
-    def __init__(self, app: AgentClient, x: np.ndarray, every: float = 0.02):
-        self.app, self.x, self.every = app, x, every
-        self.answers: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Pacer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                ans = self.app.infer(self.x)
-            except Exception as e:  # noqa: BLE001 - a lost request is what the benchmark counts
-                self.failures.append(f"{type(e).__name__}: {e}"[:200])
-                continue
-            self.answers.append((time.time(), ans.decided[0]))
-
-    def first_cloud_after(self, t: float) -> float | None:
-        return next((when for when, decided in list(self.answers) if when > t and decided == CLOUD), None)
-
-
 def _wait(what: str, check, timeout: float) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

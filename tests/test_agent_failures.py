@@ -36,7 +36,7 @@ from edgeexit.runtime.cloud_health import HealthChecker
 from edgeexit.runtime.decided import CLOUD, FALLBACK
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
 from edgeexit.runtime.oip_server import ServerOptions
-from edgeexit.testbed.harness import AgentClient, Proc, free_port, launch
+from edgeexit.testbed.harness import AgentClient, Pacer, Proc, free_port, launch
 from edgeexit.testbed.netsim import Relay
 
 RECOVERY_S = 2.0  # the issue's requirement: offloading resumes within 2 s of the link coming back
@@ -248,32 +248,6 @@ def test_wrong_token_is_answered_on_the_device_said_counted_and_shown_then_fixed
 
 
 # ---- recovery after the link or the service comes back, real processes ------------------------------------------
-class Pacer:
-    """An app sending one row every ``every`` seconds from a thread; ``answers`` holds (wall time, decided)."""
-
-    def __init__(self, app: AgentClient, x: np.ndarray, every: float = 0.02):
-        self.app, self.x, self.every = app, x, every
-        self.answers: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Pacer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            ans = self.app.infer(self.x)
-            self.answers.append((time.time(), ans.decided[0]))
-
-    def first_cloud_after(self, t: float) -> float | None:
-        return next((when for when, decided in self.answers if when > t and decided == CLOUD), None)
-
-
 def _circuit(agent: Proc, new: str, after: float) -> float | None:
     """Wall time of the agent's first circuit change to ``new`` after ``after``."""
     return next((e["ts"] for e in log_events(agent) if e["event"] == "circuit" and e["new"] == new
@@ -304,6 +278,7 @@ def test_offloading_resumes_within_2s_of_the_link_returning(agent_bundle, raw_ba
         resumed = pacer.first_cloud_after(restored_at)
     inside = [d for when, d in pacer.answers if restored_at - outage_s + 0.5 < when < restored_at - 0.05]
     assert inside and set(inside) == {FALLBACK}, "during the outage every answer came from the device"
+    assert not pacer.failures, pacer.failures[:3]  # nothing lost
     print(f"[{mode}] circuit closed {closed - restored_at:.2f} s and the first offload came "
           f"{resumed - restored_at:.2f} s after the link returned")
     assert closed - restored_at <= RECOVERY_S
@@ -331,5 +306,6 @@ def test_offloading_resumes_within_2s_of_a_restarted_service(agent_bundle, raw_b
         serve.stop()
     print(f"[restart] circuit closed {closed - ready_at:.2f} s and the first offload came "
           f"{resumed - ready_at:.2f} s after the service was ready again")
+    assert not pacer.failures, pacer.failures[:3]  # nothing lost
     assert closed - ready_at <= RECOVERY_S
     assert resumed - ready_at <= RECOVERY_S

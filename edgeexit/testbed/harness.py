@@ -22,6 +22,7 @@ import numpy as np
 
 from edgeexit.errors import ConfigError
 from edgeexit.hostport import parse_hostport
+from edgeexit.runtime.decided import CLOUD
 
 
 @dataclass
@@ -174,3 +175,35 @@ class AgentClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Pacer:
+    """An app sending one row every ``every`` s from a thread: ``answers`` holds (wall time, decided) per answer,
+    ``failures`` what went wrong when no answer came (a lost request)."""
+
+    def __init__(self, app: AgentClient, x: np.ndarray, every: float = 0.02):
+        self.app, self.x, self.every = app, x, every
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Pacer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                ans = self.app.infer(self.x)
+            except Exception as e:  # noqa: BLE001 - a lost request is what callers count
+                self.failures.append(f"{type(e).__name__}: {e}"[:200])
+                continue
+            self.answers.append((time.time(), ans.decided[0]))
+
+    def first_cloud_after(self, t: float) -> float | None:
+        return next((when for when, decided in list(self.answers) if when > t and decided == CLOUD), None)

@@ -24,10 +24,10 @@ setup: $(SETUP) $(TRITON_SETUP) $(KSERVE_SETUP)
 
 $(SETUP): pyproject.toml constraints.txt
 	@if [ "$$(id -u)" = 0 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || \
-	  [ ! -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ]; }; then \
-	  echo "installing Debian packages (dataset-fashion-mnist, iproute2, libpython3.11 for Triton's Python backend)"; \
+	  [ ! -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || ! command -v curl >/dev/null; }; then \
+	  echo "installing Debian packages (dataset-fashion-mnist, iproute2, curl for the README's REST examples, libpython3.11 for Triton's Python backend)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist iproute2 \
-	  libpython3.11; fi
+	  curl libpython3.11; fi
 	test -x $(PY) || python3 -m venv .venv
 	@# Every extra the tests need but gpu (onnxruntime-gpu would overwrite onnxruntime's package).
 	$(PY) -m pip install -q -c constraints.txt -e ".[device,serve,triton,export,tflite,tflite-export,data,plot,dev]"

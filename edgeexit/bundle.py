@@ -83,6 +83,9 @@ class SplitPoint:
     tensor: TensorSpec
     bytes_per_sample: dict[str, int]  # wire encoding -> bytes of one sample's boundary tensor
     quantization: dict[str, float] | None = None  # {"scale": s, "zero_point": z} for int8, from real data
+    # a learned bottleneck's code (edgeexit/bottleneck.py): {"module", "input_shape", "encoder_param_bytes"};
+    # None (and absent from manifest.json) elsewhere
+    bottleneck: dict[str, Any] | None = None
 
 
 @dataclass
@@ -111,7 +114,11 @@ class Manifest:
         return self.exits[-1].num_classes
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for p in d["split_points"]:  # bundles without a bottleneck keep their manifest.json as before
+            if p.get("bottleneck") is None:
+                p.pop("bottleneck", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -142,6 +149,7 @@ class Manifest:
                     tensor=TensorSpec(**p["tensor"]),
                     bytes_per_sample=dict(p["bytes_per_sample"]),
                     quantization=p.get("quantization"),
+                    bottleneck=p.get("bottleneck"),
                 )
                 for p in d["split_points"]
             ]

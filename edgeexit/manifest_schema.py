@@ -207,7 +207,8 @@ def _check_segment(v: Any, where: str) -> None:
 
 
 def _check_split(v: Any, where: str) -> None:
-    _obj(v, where, {"index", "tensor", "bytes_per_sample", "quantization"}, {"index", "tensor", "bytes_per_sample"})
+    _obj(v, where, {"index", "tensor", "bytes_per_sample", "quantization", "bottleneck"},
+         {"index", "tensor", "bytes_per_sample"})
     _int(v["index"], f"{where}.index", hi=10_000)
     check_tensor(v["tensor"], f"{where}.tensor")
     per = v["bytes_per_sample"]
@@ -220,6 +221,14 @@ def _check_split(v: Any, where: str) -> None:
         _obj(q, f"{where}.quantization", {"scale", "zero_point"}, {"scale", "zero_point"})
         _num(q["scale"], f"{where}.quantization.scale", positive=True)
         _int(q["zero_point"], f"{where}.quantization.zero_point", lo=-128, hi=127)
+    b = v.get("bottleneck")
+    if b is not None:  # a learned bottleneck's code (edgeexit/bottleneck.py)
+        keys = {"module", "input_shape", "encoder_param_bytes"}
+        _obj(b, f"{where}.bottleneck", keys, keys)
+        _str(b["module"], f"{where}.bottleneck.module")
+        for i, d in enumerate(_list(b["input_shape"], f"{where}.bottleneck.input_shape", min_len=1, max_len=MAX_RANK)):
+            _int(d, f"{where}.bottleneck.input_shape[{i}]", lo=1, hi=MAX_DIM)
+        _int(b["encoder_param_bytes"], f"{where}.bottleneck.encoder_param_bytes")
 
 
 def _check_exit(v: Any, where: str) -> None:

@@ -136,10 +136,12 @@ class OrtSession:
     """An onnxruntime session pinned to a thread count (1 by default: a phone-class core), on ``providers``
     (onnxruntime's names, ``resolve_providers``; CPU by default). ``providers`` is what it really got."""
 
-    def __init__(self, path: Path, threads: int = 1, io: SegmentIO | None = None,
-                 providers: Sequence[Provider] = (CPU,)):
+    def __init__(self, path: Path | bytes, threads: int = 1, io: SegmentIO | None = None,
+                 providers: Sequence[Provider] = (CPU,), label: str | None = None):
         import onnxruntime as ort
 
+        # ``path`` may be a serialised model (a merged range, runtime/merge.py): ``label`` names it in errors.
+        label = label or ("merged model" if isinstance(path, bytes) else Path(path).name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -147,18 +149,25 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+            model = path if isinstance(path, bytes) else str(path)
+            self._sess = ort.InferenceSession(model, sess_options=opts, providers=list(providers))
         except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile, ...: onnxruntime's own, not EdgeExitErrors
-            raise BundleError(f"{Path(path).name} is not a loadable ONNX model ({_first_line(e)}); the bundle is "
+            raise BundleError(f"{label} is not a loadable ONNX model ({_first_line(e)}); the bundle is "
                               "corrupt or hostile, re-export it") from None
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.providers: list[str] = list(self._sess.get_providers())
         if io is not None:
-            check_io(Path(path), io, _ort_facts(self._sess.get_inputs()), _ort_facts(self._sess.get_outputs()))
+            check_io(Path(label), io, _ort_facts(self._sess.get_inputs()), _ort_facts(self._sess.get_outputs()))
+        # The hot path. On CPU alone, call the C++ session directly: InferenceSession.run re-checks the feed
+        # names (the runner feeds exactly the names it checked on open) and wraps the call for a GPU
+        # provider's fallback to CPU, which a CPU-only session never takes. GPU sessions keep that wrapper.
+        raw = getattr(self._sess, "_sess", None)
+        cpu_only = self.providers == [CPU]
+        self._run = raw.run if cpu_only and raw is not None and hasattr(raw, "run") else self._sess.run
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._sess.run(self.output_names, feeds)
+        return self._run(self.output_names, feeds, None)
 
 
 def open_session(path: Path, backend: str = "onnxruntime", threads: int = 1, fmt: str | None = None,

@@ -5,19 +5,21 @@ evaluate, profile, the agent and the cloud service.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeexit.bundle import BATCH, Bundle, TensorSpec
-from edgeexit.errors import ConfigError, InvalidTensor
+from edgeexit.errors import BundleError, ConfigError, InvalidTensor
 from edgeexit.logs import event
 from edgeexit.runtime.backends import (
     BACKEND_FORMATS,
     CPU,
     GPU_HINT,
+    OrtSession,
     SegmentIO,
     SegmentSession,
     open_session,
@@ -46,6 +48,33 @@ def check_tensor(x: np.ndarray, spec: TensorSpec) -> None:
         raise InvalidTensor(f"{spec.name}: shape {list(x.shape)} but the bundle expects {want} ('batch' is any size)")
 
 
+def _checker(spec: TensorSpec) -> Callable[[np.ndarray], None]:
+    """``check_tensor`` for one spec, its facts resolved once: a few attribute compares per call when the
+    batch is the only free axis (every bundle's case), the full check (and its message) otherwise."""
+    dtype = np.dtype(spec.dtype)
+    shape = list(spec.shape)
+    if not shape or shape[0] != BATCH or BATCH in shape[1:]:
+        return lambda x: check_tensor(x, spec)
+    tail = tuple(int(d) for d in shape[1:])
+
+    def check(x: np.ndarray) -> None:
+        if not (isinstance(x, np.ndarray) and x.dtype == dtype and x.shape[1:] == tail and x.ndim == len(shape)):
+            check_tensor(x, spec)  # raises, saying what is wrong
+
+    return check
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One session call of ``run``: a segment, or a merged range of them (runtime/merge.py)."""
+
+    call: Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feeds -> outputs (boundary first, then exits)
+    name: str  # its input's name
+    exits: tuple[int, ...]  # the exits its outputs carry, in order
+    boundary: bool  # outputs start with a boundary tensor (the range does not end the model)
+    check: Callable[[np.ndarray], None]  # check_tensor for its input
+
+
 def normalize(x: np.ndarray, norm: dict[str, list[float]] | None) -> np.ndarray:
     """Per-channel ``(x - mean) / std`` for raw [N, C, ...] inputs; ``norm`` None leaves them as they are."""
     if not norm:
@@ -61,10 +90,16 @@ class SegmentRunner:
 
     ``providers``: the execution providers asked for (``--providers`` names, e.g. ``("cuda", "cpu")``; CPU by
     default, as on every device), resolved once against this onnxruntime (``backends.resolve_providers``);
-    ``device_id`` pins the GPU ones (a Triton instance's GPU)."""
+    ``device_id`` pins the GPU ones (a Triton instance's GPU).
+
+    ``merge``: run a range of two or more segments (``run(x, start, stop)``, ``run_all``) as one onnxruntime
+    session merged from their files at first use (runtime/merge.py; ``prepare`` builds it ahead), instead of
+    one call per segment. On by default for onnxruntime; needs the ``onnx`` package, without which (and on
+    LiteRT) the segments are chained one by one. ``run_segment`` always runs one segment's own session."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "onnxruntime", threads: int = 1,
-                 fmt: str | None = None, providers: Sequence[str] = ("cpu",), device_id: int | None = None):
+                 fmt: str | None = None, providers: Sequence[str] = ("cpu",), device_id: int | None = None,
+                 merge: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if backend not in BACKEND_FORMATS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FORMATS)}")
@@ -84,7 +119,10 @@ class SegmentRunner:
         self.providers = resolve_providers(providers, device_id=device_id) if gpu else [CPU]
         self.session_providers: list[str] | None = None  # what the last opened onnxruntime session got
         self._sessions: dict[int, SegmentSession] = {}
-        self._steps: dict[int, tuple[SegmentSession, str, list[int], bool]] = {}
+        self._steps: dict[int, _Step] = {}
+        self._ranges: dict[tuple[int, int], _Step | None] = {}  # (start, stop) -> merged session, None: chain
+        self._lock = threading.Lock()
+        self.merge = merge and backend == "onnxruntime"
 
     @property
     def num_segments(self) -> int:
@@ -117,40 +155,98 @@ class SegmentRunner:
         """Apply the manifest's input normalisation (if any) to raw inputs."""
         return normalize(x, self.manifest.input.normalization)
 
-    def _step(self, k: int) -> tuple[SegmentSession, str, list[int], bool]:
-        """(session, input name, exits, is last) of segment k, resolved once: run() is a hot path."""
-        if k not in self._steps:
+    def _step(self, k: int) -> _Step:
+        """Segment k's call, input check and exits, resolved once: run() is a hot path."""
+        step = self._steps.get(k)
+        if step is None:
             seg = self.manifest.segments[k]
-            self._steps[k] = (self.session(k), seg.inputs[0].name, seg.exits, k == self.num_segments - 1)
-        return self._steps[k]
+            sess = self.session(k)
+            step = self._steps[k] = _Step(sess.run, seg.inputs[0].name, tuple(seg.exits),
+                                          k < self.num_segments - 1, _checker(seg.inputs[0]))
+        return step
 
-    def _run_unchecked(self, k: int, x: np.ndarray, exits: dict[int, np.ndarray]) -> np.ndarray | None:
-        sess, name, owned, last = self._step(k)
-        outs = sess.run({name: x})
-        exit_outs = outs if last else outs[1:]
-        for j, logits in zip(owned, exit_outs, strict=True):
-            exits[j] = logits
-        return None if last else outs[0]
+    def _merged(self, start: int, stop: int) -> _Step | None:
+        """One session for segments start..stop-1 (runtime/merge.py), built once; None: chain them instead."""
+        key = (start, stop)
+        if key in self._ranges:
+            return self._ranges[key]
+        with self._lock:  # callers run on many threads: build each range once
+            if key not in self._ranges:
+                self._ranges[key] = self._open_merged(start, stop) if self.merge else None
+        return self._ranges[key]
+
+    def _open_merged(self, start: int, stop: int) -> _Step | None:
+        try:
+            from edgeexit.runtime.merge import merge_range
+
+            model = merge_range(self.bundle, start, stop, self.fmt)
+        except ImportError:  # no onnx here (a LiteRT-style install): chaining is correct, only slower
+            self.merge = False
+            event(log, "merge_unavailable", reason="the onnx package is not installed; segments run one by one")
+            return None
+        except (BundleError, OSError, ValueError) as e:  # onnx's own errors on odd files are ValueErrors
+            log.warning("cannot merge segments %d..%d (%s); running them one by one", start, stop - 1, e)
+            return None
+        segs = self.manifest.segments[start:stop]
+        last = stop < self.num_segments
+        specs = {t.name: t for s in segs for t in s.outputs}
+        exits = tuple(j for s in segs for j in s.exits)
+        outs = ([specs[f"boundary{stop - 1}"]] if last else []) + [specs[f"exit{j}"] for j in exits]
+        io = SegmentIO([segs[0].inputs[0].name], [t.name for t in outs], {}, [segs[0].inputs[0]], outs)
+        sess = OrtSession(model, self.threads, io, self.providers, label=f"segments {start}..{stop - 1} merged")
+        event(log, "merged_session", start=start, stop=stop, segments=stop - start)
+        return _Step(sess.run, segs[0].inputs[0].name, exits, last, _checker(segs[0].inputs[0]))
+
+    def prepare(self, start: int = 0, stop: int | None = None) -> None:
+        """Open now what ``run(x, start, stop)`` will use (the merged session of the range, else its segments'
+        sessions): no first-request stall, and no lazy opens racing on the serving threads."""
+        stop = self.num_segments if stop is None else stop
+        self._check_range(start, stop)
+        if stop - start < 2 or self._merged(start, stop) is None:
+            for k in range(start, stop):
+                self._step(k)
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= self.num_segments:
+            raise ConfigError(f"segment range {start}..{stop} is outside 0..{self.num_segments}")
 
     def run_segment(self, k: int, x: np.ndarray) -> SegmentOutput:
-        check_tensor(x, self.manifest.segments[k].inputs[0])
-        exits: dict[int, np.ndarray] = {}
-        boundary = self._run_unchecked(k, x, exits)
-        return SegmentOutput(boundary, exits)
+        step = self._steps.get(k) or self._step(k)
+        step.check(x)
+        outs = step.call({step.name: x})
+        if step.boundary:
+            return SegmentOutput(outs[0], dict(zip(step.exits, outs[1:], strict=True)))
+        return SegmentOutput(None, dict(zip(step.exits, outs, strict=True)))
 
     def run(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> SegmentOutput:
         """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1}).
 
         Only ``x`` is validated: later boundaries come from our own segments, whose shapes the bundle fixes.
+        A range of two or more segments runs as one merged session when it can (``merge``); the answers are
+        the same, to float rounding.
         """
         stop = self.num_segments if stop is None else stop
-        if not 0 <= start < stop <= self.num_segments:
-            raise ConfigError(f"segment range {start}..{stop} is outside 0..{self.num_segments}")
-        check_tensor(x, self.manifest.segments[start].inputs[0])
-        exits: dict[int, np.ndarray] = {}
-        cur: np.ndarray | None = x
-        for k in range(start, stop):
-            cur = self._run_unchecked(k, cur, exits)
+        self._check_range(start, stop)
+        if stop - start > 1 and self.merge:
+            step = self._ranges.get((start, stop)) or self._merged(start, stop)
+            if step is not None:
+                step.check(x)
+                outs = step.call({step.name: x})
+                if step.boundary:
+                    return SegmentOutput(outs[0], dict(zip(step.exits, outs[1:], strict=True)))
+                return SegmentOutput(None, dict(zip(step.exits, outs, strict=True)))
+        out = self.run_segment(start, x)
+        exits = out.exits
+        cur = out.boundary
+        for k in range(start + 1, stop):
+            step = self._steps.get(k) or self._step(k)
+            outs = step.call({step.name: cur})
+            if step.boundary:
+                cur = outs[0]
+                exits.update(zip(step.exits, outs[1:], strict=True))
+            else:
+                cur = None
+                exits.update(zip(step.exits, outs, strict=True))
         return SegmentOutput(cur, exits)
 
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:

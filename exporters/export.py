@@ -28,7 +28,14 @@ from edgeexit.bundle import (
 from edgeexit.errors import ConfigError
 from edgeexit.exporters import calibration as calib
 from edgeexit.exporters.costs import node_flops, segment_flops, segment_param_bytes
-from edgeexit.exporters.graph_cut import GraphAnalysis, GraphSegment, build_segments, plan_cuts
+from edgeexit.exporters.graph_cut import (
+    Bottleneck,
+    GraphAnalysis,
+    GraphSegment,
+    build_segments,
+    node_path,
+    plan_cuts,
+)
 from edgeexit.exporters.onnx_segment import export_onnx_segment
 from edgeexit.exporters.options import ExportOptions
 from edgeexit.exporters.sources import Traced, load_traced
@@ -60,6 +67,7 @@ class _Cut:
     analysis: GraphAnalysis
     segments: list[GraphSegment]
     mode: str
+    bottlenecks: dict[int, Bottleneck]  # split index -> learned bottleneck cut there
 
 
 def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions | None = None) -> Bundle:
@@ -107,7 +115,9 @@ def _cut(traced: Traced, mode: str, log: Progress) -> _Cut:
         log.warn(w)
     segments = build_segments(analysis, plan)
     log(f"split points ({mode}): {[c.name for c in plan.cuts]}; exits per segment {plan.exits_per_segment}")
-    return _Cut(traced, analysis, segments, mode)
+    for k, b in plan.bottlenecks.items():
+        log(f"split point {k} is the code of the learned bottleneck {b.path!r}")
+    return _Cut(traced, analysis, segments, mode, plan.bottlenecks)
 
 
 def _spec(name: str, node_or_tensor: Any) -> TensorSpec:
@@ -169,8 +179,26 @@ def _split_points(cut: _Cut, segs: list[Segment], seg_real: list[torch.Tensor] |
             index=k, tensor=TensorSpec(spec.name, list(spec.shape), spec.dtype),
             bytes_per_sample={enc: encoded_bytes(elements, enc) for enc in ENCODINGS},
             quantization=calib.quant_params(*ranges[k]) if ranges else None,
+            bottleneck=_bottleneck_info(cut.traced.module, cut.bottlenecks[k]) if k in cut.bottlenecks else None,
         ))
     return points
+
+
+def _bottleneck_info(gm: torch.fx.GraphModule, b: Bottleneck) -> dict[str, Any]:
+    """What the manifest says of a bottleneck split: the tensor it replaces and the encoder's parameter bytes."""
+    shape = b.start.meta["val"].shape[1:]
+    targets = {a.target for n in gm.graph.nodes if n.op == "call_function"
+               and node_path(n).startswith(f"{b.path}.encoder") for a in n.all_input_nodes if a.op == "get_attr"}
+    tensors = [_attr(gm, t) for t in targets]
+    return {"module": b.path, "input_shape": [int(d) for d in shape],
+            "encoder_param_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
+def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _exits(an: GraphAnalysis, segments: list[GraphSegment]) -> list[ExitInfo]:

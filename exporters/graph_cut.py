@@ -6,6 +6,9 @@ Vocabulary:
   crossing a cut: each segment re-reads its parameters and recomputes the batch size from its own input.
 - a cut after backbone node ``v`` is *valid* when every edge from the left side to the right side leaves
   from ``v`` (no open skip connection crosses it). A head node sits on the side of its deepest input.
+- a *bottleneck* is a module whose class is named ``SplitBottleneck`` (``edgeexit/bottleneck.py``) with an
+  ``encoder`` child: its encoder's output is always a split point, and any other cut that would fall on the
+  bottleneck's input or inside it moves there (the point of a bottleneck is to send its small code).
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ import torch.fx as fx
 from edgeexit.errors import ExportError
 
 GUARDS = "_guards_fn"  # call_module torch.export adds to check input shapes; segments don't need it
+BOTTLENECK = "SplitBottleneck"  # class name (any package) of a learned bottleneck module
+
+
+@dataclass
+class Bottleneck:
+    """One SplitBottleneck in the backbone: the node feeding it, its encoder's output, its last node."""
+
+    path: str
+    start: fx.Node
+    code: fx.Node
+    end: fx.Node
 
 
 @dataclass
@@ -27,6 +41,7 @@ class CutPlan:
     cuts: list[fx.Node]  # boundary node after segment k, for k < len(cuts)
     exits_per_segment: list[list[int]]
     mode: str
+    bottlenecks: dict[int, Bottleneck] = field(default_factory=dict)  # cut index -> the bottleneck it is
 
 
 @dataclass
@@ -130,6 +145,29 @@ class GraphAnalysis:
                 return [self.backbone_list[i] for i, name in enumerate(names[:-1]) if name and name != names[i + 1]]
         return []
 
+    def bottlenecks(self) -> list[Bottleneck]:
+        """Every SplitBottleneck the backbone runs through, in order."""
+        groups: dict[str, list[fx.Node]] = {}
+        for n in self.backbone_list:
+            for path, kind in (n.meta.get("nn_module_stack") or {}).values():
+                if str(kind).rsplit(".", 1)[-1] == BOTTLENECK:
+                    groups.setdefault(path, []).append(n)
+                    break
+        found = []
+        for path, nodes in groups.items():
+            enc = [n for n in nodes if _module_path(n).startswith(f"{path}.encoder")]
+            if not enc:
+                raise ExportError(f"{BOTTLENECK} {path!r} has no 'encoder' child; name its device half 'encoder'")
+            first = self.position[nodes[0]]
+            start = self.backbone_list[first - 1] if first > 0 else self.input
+            found.append(Bottleneck(path, start, enc[-1], nodes[-1]))
+        return found
+
+
+def node_path(n: fx.Node) -> str:
+    """Dotted path of the innermost module that produced ``n`` ("" for the root's own forward)."""
+    return _module_path(n)
+
 
 def _module_path(n: fx.Node) -> str:
     """Dotted path of the innermost module that produced ``n`` ("" for the root's own forward)."""
@@ -155,9 +193,17 @@ def plan_cuts(an: GraphAnalysis, mode: str) -> tuple[CutPlan, list[str]]:
         chosen.append(later[0])
     if mode == "auto":
         chosen += [n for n in an.stage_ends() if n in valid]
+    spans = an.bottlenecks()
+    for b in spans:
+        if not an.is_valid_cut(b.code):
+            raise ExportError(f"the encoder output of {BOTTLENECK} {b.path!r} is not a valid split point (a skip "
+                              "connection crosses it); put the bottleneck where one tensor carries everything")
+        inside = [c for c in chosen if an.position[b.start] <= an.position[c] <= an.position[b.end]]
+        chosen = [c for c in chosen if c not in inside] + [b.code]
     cuts = sorted(set(chosen), key=lambda n: an.position[n])
     exits_per_segment = _assign_exits(an, cuts)
-    return CutPlan(cuts, exits_per_segment, mode), warnings
+    marked = {cuts.index(b.code): b for b in spans}
+    return CutPlan(cuts, exits_per_segment, mode, marked), warnings
 
 
 def _segment_of(an: GraphAnalysis, n: fx.Node, cuts: list[fx.Node], memo: dict[fx.Node, int]) -> int:

@@ -18,8 +18,8 @@ from edgeexit.errors import EdgeExitError
 from edgeexit.extras import missing_extra
 
 # Subcommand name -> module in edgeexit.cli (the triton module registers triton-repo too).
-COMMANDS = ["train", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "triton", "netsim",
-            "bench", "demo", "doctor", "info"]
+COMMANDS = ["train", "bottleneck", "export", "calibrate", "evaluate", "profile", "plan", "serve", "agent", "triton",
+            "netsim", "bench", "demo", "doctor", "info"]
 JSON_LOGS = {"agent", "serve"}  # long-running services: one JSON object per log line (edgeexit.logs)
 
 

@@ -36,15 +36,16 @@ DISTRIBUTION: dict[str, str] = {
 # What a command's own extra is: suggested first when it carries the missing module.
 COMMAND_EXTRA: dict[str, str] = {
     "serve": "serve", "agent": "device", "doctor": "device", "evaluate": "device", "calibrate": "device",
-    "profile": "device", "plan": "device", "export": "export", "train": "export", "triton-repo": "triton",
+    "profile": "device", "plan": "device", "export": "export", "train": "export", "bottleneck": "export",
+    "triton-repo": "triton",
     "triton": "triton",
 }
 # Modules each extra brings (mirrors pyproject.toml; tests/test_doctor.py checks the two agree).
 EXTRA_MODULES: dict[str, frozenset[str]] = {
     "client": frozenset(),
-    "device": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
+    "device": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "device-litert": frozenset({"ai_edge_litert", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
-    "serve": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
+    "serve": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "gpu": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "triton": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "export": frozenset({"torch", "onnx", "onnxscript", "onnxruntime", "grpc_health", "zstandard",

@@ -16,6 +16,7 @@ accepts pings down to every 0.5 s, also without calls, see ``oip_server.KEEPALIV
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,52 @@ class Offload(Mapping[str, np.ndarray]):
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def request_bytes(model: str, input_name: str, tensor: WireTensor, request_id: str = "",
+                  bundle: str | None = None) -> bytes:
+    """A serialised ModelInferRequest carrying one tensor, equal (as a message) to building it with protobuf.
+
+    Protobuf reads fields in any order, so the per-call parts follow a header cached per model, tensor layout
+    and parameters: the id (field 3) and the tensor's bytes (field 7), copied once into the result.
+    """
+    params = {**tensor.params, P_BUNDLE: bundle} if bundle else tensor.params
+    try:
+        # Types in the key: True == 1 == 1.0 as keys, but they travel as bool, int64 and double parameters.
+        items = tuple((k, type(v), v) for k, v in params.items())
+        header = _header(model, input_name, tensor.datatype, tuple(tensor.shape), items)
+    except TypeError:  # an unhashable parameter value: params_to_pb says what is wrong with it
+        header = _header_uncached(model, input_name, tensor.datatype, list(tensor.shape), params)
+    parts = [header]
+    if request_id:
+        rid = request_id.encode()
+        parts += [b"\x1a", _varint(len(rid)), rid]
+    parts += [b"\x3a", _varint(len(tensor.data)), tensor.data]
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _header(model: str, input_name: str, datatype: str, shape: tuple[int, ...],
+            items: tuple[tuple[str, type, ParamValue], ...]) -> bytes:
+    return _header_uncached(model, input_name, datatype, list(shape), {k: v for k, _, v in items})
+
+
+def _header_uncached(model: str, input_name: str, datatype: str, shape: list[int],
+                     params: Mapping[str, ParamValue]) -> bytes:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name=input_name, datatype=datatype, shape=shape)
+    params_to_pb(dict(params), req.parameters)
+    return req.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class InferenceClient:
@@ -132,17 +179,19 @@ class InferenceClient:
                 raise ConfigError("a client certificate needs tls_ca too (the CA that signed the server cert)")
             self._channel = grpc.insecure_channel(cloud.target, options=channel_options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        # ModelInfer with the request serialised here (request_bytes): the tensor is copied once, not into a
+        # protobuf message and again out of it.
+        self._infer = self._channel.unary_unary(_MODEL_INFER, request_serializer=None,
+                                                response_deserializer=pb.ModelInferResponse.FromString,
+                                                _registered_method=True)
         self._metadata = bearer_metadata(o.token)
 
     def infer(self, model: str, input_name: str, tensor: WireTensor, *, timeout: float,
               request_id: str = "") -> Offload:
         """Send one tensor; return its outputs as float32 with the server's timing. Raises edgeexit errors."""
-        req = pb.ModelInferRequest(model_name=model, id=request_id)
-        req.inputs.add(name=input_name, datatype=tensor.datatype, shape=list(tensor.shape))
-        req.raw_input_contents.append(bytes(tensor.data))
-        params_to_pb({**tensor.params, P_BUNDLE: self.bundle} if self.bundle else tensor.params, req.parameters)
+        data = request_bytes(model, input_name, tensor, request_id, self.bundle)
         try:
-            resp = self._stub.ModelInfer(req, timeout=timeout, metadata=self._metadata)
+            resp = self._infer(data, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e) from None
         try:

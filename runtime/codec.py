@@ -124,12 +124,15 @@ def encode_input(x: np.ndarray, fallback: str = "fp32", compress: bool = False) 
     return WireTensor(raw, PIXELS, list(x.shape), params)
 
 
-def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str | float | int] | None = None,
-           max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
+def decode(data: bytes | memoryview, datatype: str, shape: list[int],
+           params: dict[str, str | float | int] | None = None, max_bytes: int = MAX_DECODED_BYTES, *,
+           copy: bool = True) -> np.ndarray:
     """Decode wire bytes back to float32, validating dtype, shape, size, quantisation and finiteness.
 
     Sizes come from the declared shape with Python ints (never an int64 product that can wrap) and are refused
     above ``max_bytes`` (the server's message limit) before anything is decompressed or allocated.
+    ``copy=False``: an FP32 tensor comes back as a read-only view of ``data`` (no copy; ``data`` stays alive with
+    it), for callers that never write into it (the service's tails).
     """
     params = params or {}
     if datatype not in NUMPY:
@@ -148,7 +151,7 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
         raise InvalidTensor(f"unknown compression {str(compression)[:40]!r}; only 'zstd' is supported")
     quant = _int8_params(params) if datatype == "INT8" else None  # refuse bad parameters before any work
     if compression == "zstd":
-        data = _zstd_decompress(data, expected)
+        data = _zstd_decompress(bytes(data), expected)
     if len(data) != expected:
         raise InvalidTensor(f"{datatype} tensor of shape {dims} needs {expected} bytes but {len(data)} arrived")
     arr = np.frombuffer(data, dtype=dtype).reshape(dims)
@@ -157,10 +160,19 @@ def decode(data: bytes, datatype: str, shape: list[int], params: dict[str, str |
         return ((arr.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float32)
     if datatype == PIXELS:
         return arr.astype(np.float32) / _PIXEL_LEVELS  # float32 division: exactly the float32 of k/255
-    out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
+    out = arr.astype(np.float32, copy=copy)
+    if not all_finite(out):
         raise InvalidTensor("tensor contains NaN or inf; check the device side's computation")
     return out
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value is finite. A finite sum of squares (one BLAS dot, no temporary array) proves it:
+    NaN and inf propagate into it; a non-finite one may be an overflow of large finite values, so then look."""
+    flat = x.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.dot(flat, flat)
+    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
 def describe_datatypes(datatypes: tuple[str, ...] | list[str]) -> str:

@@ -15,14 +15,15 @@ from edgeexit.runtime.oip_messages import InferRequest
 
 def decode_input(request: InferRequest, model: str, name: str, datatypes: Collection[str] | None = None, *,
                  shape: Sequence[int | str] | None = None, max_rows: int | None = None,
-                 max_bytes: int = codec.MAX_DECODED_BYTES) -> np.ndarray:
+                 max_bytes: int = codec.MAX_DECODED_BYTES, copy: bool = True) -> np.ndarray:
     """The request's only input, which must be called ``name``, as a non-empty float32 batch.
 
     How to read the bytes (int8 scale and zero point, compression) may come as request parameters or as
     parameters of the tensor itself, as Triton and KServe clients send them; the tensor's win. ``datatypes``
     limits what a model accepts (None: whatever the codec decodes). ``shape`` (the model's, with ``BATCH`` for the
     rows), ``max_rows`` and ``max_bytes`` are checked on the declared shape before anything is decompressed or
-    allocated. Raises InvalidTensor saying what to send.
+    allocated. ``copy=False``: FP32 may come back as a read-only view of the request's bytes (``codec.decode``).
+    Raises InvalidTensor saying what to send.
     """
     if len(request.inputs) != 1:
         names = sorted(request.inputs)
@@ -41,7 +42,8 @@ def decode_input(request: InferRequest, model: str, name: str, datatypes: Collec
         raise InvalidTensor(f"{name}: {dims[0]} rows in one request, but this server takes at most {max_rows} "
                             f"(--max-batch-rows); split the batch into several requests")
     try:
-        x = codec.decode(t.data, t.datatype, dims, {**request.params, **t.params}, max_bytes=max_bytes)
+        x = codec.decode(t.data, t.datatype, dims, {**request.params, **t.params}, max_bytes=max_bytes,
+                         copy=copy)
     except (ValueError, TypeError) as e:  # e.g. a scale or zero point that is not a number
         raise InvalidTensor(f"{name}: cannot decode with the given parameters ({e}); check {codec.P_SCALE}, "
                             f"{codec.P_ZERO} and {codec.P_COMPRESSION}") from e

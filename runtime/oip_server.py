@@ -39,6 +39,7 @@ from edgeexit.runtime.oip_messages import (
     metadata_to_pb,
     request_from_pb,
     response_to_pb,
+    split_raw_contents,
 )
 from edgeexit.runtime.oip_rest import RestServer
 from edgeexit.runtime.proto import grpc_service_pb2 as pb
@@ -166,12 +167,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         only = next(iter(self.handlers)) if len(self.handlers) == 1 else ""
         return metadata_to_pb(self.handler(request.name or only, request.version).metadata())
 
-    def ModelInfer(self, request, context):
+    def ModelInfer(self, request, context, raw: list[bytes | memoryview] | None = None):
+        """``raw``: the request's raw_input_contents when ``_parsing`` split them off its bytes (no copies)."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             try:
-                decoded = request_from_pb(request)
+                decoded = request_from_pb(request, raw)
             except (ValueError, OverflowError) as e:  # e.g. typed contents out of the datatype's range
                 raise InvalidTensor(f"cannot decode the request's inputs: {e}; check each input's datatype "
                                     "and contents") from e
@@ -212,8 +214,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         what = request_cls.DESCRIPTOR.name
 
         def handle(data: bytes, context: grpc.ServicerContext) -> Any:
+            # ModelInfer: the tensors' bytes are split off as views and only the rest is parsed (see
+            # oip_messages.split_raw_contents); anything unusual is parsed whole, as every other RPC.
+            split = split_raw_contents(data) if name == "ModelInfer" else None
             try:
-                request = request_cls.FromString(data)
+                request = request_cls.FromString(data if split is None else split[0])
             except DecodeError:
                 request = None
             if request is None:  # outside the except block: abort's exception carries no parse traceback
@@ -222,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"request is not a valid {what} protobuf; send an Open Inference Protocol v2 "
                               f"{what} (e.g. with tritonclient.grpc)")
-            return method(request, context)
+            return method(request, context) if split is None else method(request, context, split[1])
 
         return handle
 

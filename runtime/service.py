@@ -127,7 +127,7 @@ class TailHandler:
                                 f"{self.runner.manifest.name!r}; send the boundary tensor as FP32, FP16 or INT8")
         accepts = codec.INPUT_DATATYPES if self.start == 0 else codec.BOUNDARY_DATATYPES  # so errors fit the model
         x = decode_input(request, self.name, self.input_spec.name, accepts, shape=self.input_spec.shape,
-                         max_rows=self.max_rows, max_bytes=self.max_bytes)
+                         max_rows=self.max_rows, max_bytes=self.max_bytes, copy=False)  # tails only read it
         check_tensor(x, self.input_spec)
         return x
 

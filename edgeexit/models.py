@@ -12,6 +12,7 @@ dynamic batch, a plain mean does not.
     >>> exits = model(torch.rand(5, 1, 28, 28))   # tuple of 3 tensors [5, 10]
 
 ``camera-resnet`` is the camera-class reference (Fashion-MNIST resized to 96x96: ``fashion-mnist-96``).
+``vit-exits`` is the transformer reference (ViT-style; see :class:`VisionTransformerExits`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-ARCHS = ("branchynet", "resnet-exits", "densenet-exits", "camera-resnet")
+ARCHS = ("branchynet", "resnet-exits", "densenet-exits", "camera-resnet", "vit-exits")
 # Fashion-MNIST pixel statistics (train split); the models bake them in as their first op.
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -172,16 +173,103 @@ def _camera_resnet(num_classes: int, in_channels: int) -> MultiExitNet:
     return MultiExitNet(stages, heads, in_channels)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention from plain ops (explicit q/k/v, softmax(q k^T / sqrt(d)) v): every piece exports
+    through torch.export -> ONNX and litert-torch. ``unflatten`` keeps the batch axis symbolic (no reshape to B)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError("dim must be a multiple of heads")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        def split(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, Dh]
+            return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)), dim=-1)
+        return self.proj(torch.matmul(attn, v).transpose(1, 2).flatten(2))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU. Both skips close inside the
+    block, so the residual stream between blocks is one tensor [B, T, D]: a clean cut."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches (conv, kernel = stride = patch) -> tokens, a class token first, learned positions."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, image: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, dim, patch, patch)
+        tokens = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).flatten(2).transpose(1, 2)  # [B, T, D]
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.pos
+
+
+class TokenHead(nn.Module):
+    """LayerNorm + linear on the class token (token 0)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x[:, 0]))
+
+
+def vit_exits(num_classes: int = 10, in_channels: int = 1, image: int = 28, patch: int = 7, dim: int = 96,
+               heads: int = 4, depth: int = 6, exit_after: tuple[int, ...] = (2, 3, 4, 6)) -> MultiExitNet:
+    """The ``vit-exits`` reference (defaults); smaller settings make quick test models of the same structure."""
+    # ViT-style for 28x28: 4x4 patches of 7x7 pixels + a class token (17 tokens of 96), 6 pre-norm blocks, exits
+    # on the class token after blocks 2, 3, 4 and 6 (the last is the final classifier). A stage = the blocks
+    # between two exits (the patch embedding joins the first), so every exit branches at a stage boundary.
+    blocks: list[nn.Module] = [EncoderBlock(dim, heads) for _ in range(depth)]
+    stages, start = [], 0
+    for end in exit_after:
+        first = [PatchEmbed(in_channels, dim, patch, image)] if start == 0 else []
+        stages.append(nn.Sequential(*first, *blocks[start:end]))
+        start = end
+    if start != depth:
+        raise ValueError("the last exit must follow the last block")
+    model = MultiExitNet(stages, [TokenHead(dim, num_classes) for _ in exit_after], in_channels)
+    for m in model.modules():  # ViT init: small normal linear weights, zero biases
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 _BUILDERS: dict[str, Callable[[int, int], MultiExitNet]] = {
     "branchynet": _branchynet,
     "resnet-exits": _resnet_exits,
     "densenet-exits": _densenet_exits,
     "camera-resnet": _camera_resnet,
+    "vit-exits": vit_exits,
 }
 
 
 def flops_per_exit(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> list[int]:
-    """Cumulative FLOPs (2 x MACs of conv and linear layers) needed to reach each exit, batch 1.
+    """Cumulative FLOPs (2 x MACs of conv and linear layers and attention's matmuls) to reach each exit, batch 1.
 
     Exit k costs everything executed before its logits exist: all stages up to k and the heads 0..k
     (an input that leaves at exit k has also paid for the earlier heads it did not leave at).
@@ -192,13 +280,17 @@ def flops_per_exit(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 2
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
             events.append(("op", 2 * k * output[0].numel()))
-        elif isinstance(module, nn.Linear):
-            events.append(("op", 2 * module.in_features * module.out_features))
+        elif isinstance(module, nn.Linear):  # per row: a token-wise linear on [1, T, D] costs T times
+            events.append(("op", 2 * module.in_features * output.numel()))
+        elif isinstance(module, Attention):  # q k^T and attn v: 2 x T x T x D MACs over all heads
+            tokens, dim = output.shape[1], output.shape[2]
+            events.append(("op", 4 * tokens * tokens * dim))
 
     def mark_exit(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         events.append(("exit", 0))
 
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
     heads = getattr(model, "heads", None)
     if heads is not None:
         handles += [h.register_forward_hook(mark_exit) for h in heads]

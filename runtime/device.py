@@ -40,7 +40,7 @@ from edgeexit.runtime.cloud_health import CloudHealth, HealthChecker
 from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
 from edgeexit.runtime.link_monitor import LinkMonitor, network_seconds
 from edgeexit.runtime.link_stats import LinkStats
-from edgeexit.runtime.pending import Pending
+from edgeexit.runtime.pending import Pending, decide
 from edgeexit.runtime.runner import SegmentRunner
 from edgeexit.runtime.setting_policy import PolicyChooser, planned_settings
 from edgeexit.runtime.splits import Split, cloud_model, parse_split, resolve_split
@@ -135,10 +135,11 @@ class Result:
     bytes_sent: int = 0
     fallback_reason: str | None = None  # set when rows fell back
     split: int | str | None = None  # the split this request ran with
+    codes: np.ndarray | None = None  # int32 [B]: ``decided`` as the agent's codes, when the runtime has them
 
     @property
     def decided_codes(self) -> np.ndarray:
-        return to_codes(self.decided)
+        return self.codes if self.codes is not None else to_codes(self.decided)
 
 
 class DeviceRuntime:
@@ -216,7 +217,7 @@ class DeviceRuntime:
         """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
         start = self._clock()
         deadline = start + self.options.deadline_ms / 1000.0
-        raw = self._check_input(x)
+        raw = self.check_input(x)
         x = self.runner.normalize(raw)
         # One split (and exit setting) per request: concurrent requests never see a change half-way.
         choice = self.adapter.pick() if self.adapter is not None else Choice(self.split)
@@ -228,7 +229,8 @@ class DeviceRuntime:
         if not pend.empty:
             result_bytes, reason = self._offload(pend, cur, deadline, lat, split)
         lat.total_ms = (self._clock() - start) * 1000.0
-        result = Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason, split)
+        result = Result(pend.labels, pend.probs, pend.exits, pend.decided, lat, result_bytes, reason, split,
+                        pend.codes)
         if self.adapter is not None:
             self.adapter.observe(split, result)
             if self.adapter.probe_due():
@@ -259,11 +261,13 @@ class DeviceRuntime:
             for j in self.manifest.segments[k].exits:
                 pend.history.append(out.exits[j])
                 pend.exit_ids.append(j)
-                dec = pend.policy.decide(pend.history)
-                mask = np.ones(len(pend.rows), bool) if j == final_exit else np.asarray(dec.mask, bool)
+                dec = decide(pend.policy, pend.history, j == final_exit)
+                if dec is None:
+                    continue
+                mask, labels, probs = dec
                 if mask.any():
                     before = len(pend.rows)
-                    pend.answer(mask, np.asarray(dec.labels), np.asarray(dec.probs), j, where)
+                    pend.answer(mask, labels, probs, j, where)
                     if cur is not None and len(pend.rows) < before:
                         cur = cur[~mask]
             if pend.empty:
@@ -355,7 +359,9 @@ class DeviceRuntime:
             raise InvalidTensor(f"cloud logits have shape {list(logits.shape)}, expected [{rows}, {self.num_classes}]")
         return logits
 
-    def _check_input(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as float32 if it is a non-empty finite batch of the bundle's input shape, else InvalidTensor
+        (the agent checks each app's tensor before micro-batching it with others')."""
         x = np.asarray(x)
         if x.dtype != np.float32:
             if not np.issubdtype(x.dtype, np.floating):

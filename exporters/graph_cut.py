@@ -150,7 +150,7 @@ class GraphAnalysis:
         groups: dict[str, list[fx.Node]] = {}
         for n in self.backbone_list:
             for path, kind in (n.meta.get("nn_module_stack") or {}).values():
-                if str(kind).rsplit(".", 1)[-1] == BOTTLENECK:
+                if str(kind).rstrip("'>").rsplit(".", 1)[-1] == BOTTLENECK:  # "pkg.Cls" or "<class 'pkg.Cls'>"
                     groups.setdefault(path, []).append(n)
                     break
         found = []

@@ -1,0 +1,170 @@
+"""Learned bottlenecks (edgeexit/bottleneck.py, `edgeexit bottleneck`, the exporter's bottleneck split point).
+
+One bottleneck is trained once per module through the real CLI on the cached trained resnet-exits model
+(tests/fixtures_models.py): split 2 (stage 1's 48x7x7 output) -> 8x4x4 (stride 2), a few hundred samples.
+It is exported for real and checked: every exit vs torch, exits before the split untouched, the manifest's
+bottleneck split point, the agent->service split at the bottleneck through real gRPC equal to the local run.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeexit import datasets
+from edgeexit.bottleneck import load_multi_exit
+from edgeexit.bundle import Bundle
+from edgeexit.cli import main
+from edgeexit.errors import BundleError
+from edgeexit.exporters import ExportOptions, export_model
+from edgeexit.manifest_schema import check_manifest_dict
+from edgeexit.policies import softmax
+from edgeexit.runtime.decided import CLOUD
+from edgeexit.runtime.device import DeviceOptions, DeviceRuntime
+from edgeexit.runtime.oip_server import ServerOptions, build_server
+from edgeexit.runtime.runner import SegmentRunner
+from edgeexit.runtime.service import build_handlers
+
+SPLIT, CHANNELS = 2, 8
+CLI_TRAIN = ["--limit", "1024", "--epochs", "2", "--val-limit", "300", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bn_pt2(trained_resnet_pt2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bottleneck") / "bn.pt2"
+    rc = main(["bottleneck", str(trained_resnet_pt2), "--split", str(SPLIT), "--channels", str(CHANNELS),
+               "--stride", "2", "--out", str(out), *CLI_TRAIN])
+    assert rc == 0 and out.is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bn_bundle(bn_pt2) -> Path:
+    out = bn_pt2.parent / "bn.edgeexit"
+    export_model(bn_pt2, out, options=ExportOptions(calibration_data="fashion-mnist", calibration_samples=300,
+                                                    progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def val() -> np.ndarray:
+    return datasets.load("fashion-mnist", "val", limit=64)[0]
+
+
+def torch_exits(pt2: Path, x: np.ndarray) -> list[np.ndarray]:
+    module = torch.export.load(str(pt2)).module()
+    with torch.no_grad():
+        return [t.numpy() for t in module(torch.from_numpy(x))]
+
+
+def test_cli_prints_the_table_and_the_model_keeps_the_contract(bn_pt2, trained_resnet_pt2, val, capsys):
+    with zipfile.ZipFile(bn_pt2) as z:
+        meta = json.loads(z.read(next(n for n in z.namelist() if n.endswith("edgeexit.json"))))
+    assert meta["bottleneck"]["split"] == SPLIT and meta["bottleneck"]["channels"] == CHANNELS
+    new, old = torch_exits(bn_pt2, val), torch_exits(trained_resnet_pt2, val)
+    assert len(new) == len(old) == 3
+    # exits before the split read the original features through the original (frozen) layers: unchanged
+    np.testing.assert_array_equal(new[0], old[0])
+    np.testing.assert_array_equal(new[1], old[1])
+    # the final exit went through an 8x4x4 code (vs 48x7x7) and still mostly agrees with the original
+    agree = (new[2].argmax(1) == old[2].argmax(1)).mean()
+    assert agree >= 0.7, agree
+
+
+def test_export_cuts_at_the_encoder_output_and_marks_it(bn_bundle, bn_pt2):
+    m = Bundle.load(bn_bundle).manifest
+    shapes = [p.tensor.shape[1:] for p in m.split_points]
+    assert shapes == [[1, 28, 28], [16, 14, 14], [CHANNELS, 4, 4], [112, 4, 4]]  # same numbering as the original
+    marked = [p.index for p in m.split_points if p.bottleneck]
+    assert marked == [SPLIT]
+    p = m.split_points[SPLIT]
+    assert p.bottleneck["module"] == "bottleneck" and p.bottleneck["input_shape"] == [48, 7, 7]
+    assert p.bottleneck["encoder_param_bytes"] == 4 * (48 * CHANNELS * 9 + 4 * CHANNELS)
+    assert p.bytes_per_sample["int8"] == CHANNELS * 16
+    # hardtanh keeps the code in [-1, 1]: the calibrated int8 step is at most 2/255
+    assert 0 < p.quantization["scale"] <= 2 / 255 + 1e-9
+    # exits mode cuts there too (the exit-1 branch point moves to the code)
+    out = bn_bundle.parent / "bn_exits.edgeexit"
+    ex = export_model(bn_pt2, out, options=ExportOptions(split_points="exits", progress=False)).manifest
+    assert [p.tensor.shape[1:] for p in ex.split_points] == [[16, 14, 14], [CHANNELS, 4, 4]]
+    assert ex.split_points[1].bottleneck is not None and ex.segments[1].exits == [1]
+
+
+def test_every_exit_of_the_bundle_matches_torch(bn_bundle, bn_pt2, val):
+    r = SegmentRunner(bn_bundle)
+    got = r.run_all(r.normalize(val))
+    for g, want in zip(got, torch_exits(bn_pt2, val), strict=True):
+        np.testing.assert_allclose(g, want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("encoding", "compress"), [("fp32", False), ("int8", False), ("int8", True)])
+def test_agent_to_service_at_the_bottleneck_equals_the_local_run(bn_bundle, val, encoding, compress):
+    r = SegmentRunner(bn_bundle)
+    local = r.run_all(r.normalize(val))[-1]
+    server = build_server(build_handlers(bn_bundle), ServerOptions()).start()
+    try:
+        rt = DeviceRuntime(bn_bundle, DeviceOptions(cloud=server.target, split=SPLIT, policy="never",
+                                                    encoding=encoding, compress=compress))
+        res = rt.infer(val)
+        rt.close()
+    finally:
+        server.stop(1.0)
+    assert set(res.decided) == {CLOUD}
+    if encoding == "fp32":
+        np.testing.assert_allclose(res.probabilities, softmax(local), atol=1e-5)
+        assert res.bytes_sent >= len(val) * CHANNELS * 16 * 4
+    else:  # int8 of a [-1, 1] code: a small, bounded change of the answer
+        assert (res.labels == local.argmax(1)).mean() >= 0.95
+        assert np.abs(res.probabilities - softmax(local)).max() < 0.05
+        assert res.bytes_sent <= len(val) * CHANNELS * 16 + 1024  # 1 byte per element (+ request overhead)
+
+
+def test_a_bundle_without_a_bottleneck_is_unchanged(trained_resnet_pt2, tmp_path, tiny_bundle):
+    out = export_model(trained_resnet_pt2, tmp_path / "plain.edgeexit", options=ExportOptions(progress=False))
+    m = out.manifest
+    assert [p.tensor.shape[1:] for p in m.split_points] == [[1, 28, 28], [16, 14, 14], [48, 7, 7], [112, 4, 4]]
+    assert all(p.bottleneck is None for p in m.split_points)
+    for bundle in (tmp_path / "plain.edgeexit", Path(tiny_bundle)):
+        text = (bundle / "manifest.json").read_text()
+        assert "bottleneck" not in text  # no new key, not even a null: manifests and digests as before
+
+
+def test_the_schema_checks_the_bottleneck_field(bn_bundle):
+    d = json.loads((bn_bundle / "manifest.json").read_text())
+    check_manifest_dict(d)
+    d["split_points"][SPLIT]["bottleneck"]["encoder_param_bytes"] = -1
+    with pytest.raises(BundleError, match="encoder_param_bytes"):
+        check_manifest_dict(d)
+    d["split_points"][SPLIT]["bottleneck"] = {"module": "bottleneck"}
+    with pytest.raises(BundleError, match="bottleneck"):
+        check_manifest_dict(d)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "0", "--channels", "4"], "--split 0 is not a split point a bottleneck can sit at"),
+    (["--split", "3", "--channels", "4"], "this model's are 1..2"),
+    (["--split", "1", "--channels", "0"], "--channels must be a positive number"),
+    (["--split", "1", "--channels", "-3"], "--channels must be a positive number"),
+    (["--split", "1", "--channels", "4", "--arch", "branchynet"], "does not fit --arch branchynet"),
+])
+def test_bad_options_are_clear_errors_with_exit_code_2(trained_resnet_pt2, tmp_path, capsys, args, message):
+    rc = main(["bottleneck", str(trained_resnet_pt2), *args, "--out", str(tmp_path / "x.pt2"), *CLI_TRAIN])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "x.pt2").exists()
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    rc = main(["bottleneck", str(tmp_path / "nope.pt2"), "--split", "1", "--channels", "4",
+               "--out", str(tmp_path / "x.pt2")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_load_multi_exit_finds_the_architecture(trained_resnet_pt2):
+    model = load_multi_exit(trained_resnet_pt2, None, 10, 1)
+    assert len(model.stages) == 3

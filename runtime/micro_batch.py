@@ -1,11 +1,14 @@
 """Micro-batching of concurrent device-only requests in the agent: apps that call at the same time share one run.
 
 With many apps and ``--threads`` = cores, running every request on its own gRPC thread puts workers x threads
-compute threads on the cores (oversubscribed, and a batch-1 run parallelises poorly anyway). Here one request at
-a time is the *leader*: it takes every request waiting (up to ``max_rows`` rows, its own first), runs them as
-one batch on its own thread, hands each its rows, and passes the lead to the oldest request that arrived
-meanwhile. So at most one batch computes at a time, nobody waits on purpose (an idle agent runs a lone request at
-once, on the calling thread, with no hand-off), and under load batches fill while the previous one runs.
+compute threads on the cores (oversubscribed, and a batch-1 run parallelises poorly anyway). Here up to ``lanes``
+requests at a time are *leaders*: a leader takes every request waiting (up to ``max_rows`` rows, its own first),
+runs them as one batch on its own thread, hands each its rows, and passes the lead to the oldest request that
+arrived meanwhile. So at most ``lanes`` batches compute at a time, nobody waits on purpose (an idle agent runs a
+lone request at once, on the calling thread, with no hand-off), and under load batches fill while others run.
+Two lanes by default: with one, a batch's intra-op threads are the only work, and on cores shared with other
+processes (the apps themselves) onnxruntime's spinning pool then stalls whenever one of its threads is
+descheduled (measured here on a loaded 2-core host: one lane ran at half the rate of unbatched requests).
 
 Rows are independent on the device (every exit policy decides row by row, no network), so a request's rows of
 the batch are its answer; a batch that fails is retried request by request, so one app's bad tensor (say, logits
@@ -47,30 +50,33 @@ class _Ticket:
 class MicroBatcher(Generic[T]):
     """Run ``run(batch)`` for concurrent ``submit(x)`` calls together; each gets its rows' share."""
 
-    def __init__(self, run: Callable[[np.ndarray], T], max_rows: int = 32):
-        self._run, self.max_rows = run, max_rows
+    def __init__(self, run: Callable[[np.ndarray], T], max_rows: int = 32, lanes: int = 2):
+        self._run, self.max_rows, self.lanes = run, max_rows, lanes
         self._lock = threading.Lock()
         self._waiting: deque[_Ticket] = deque()
-        self._running = False  # a leader holds the lead (it computes, or is about to)
+        self._leaders = 0  # requests holding a lead (computing a batch, or about to)
 
     def submit(self, x: np.ndarray) -> Share[T]:
         """Run ``x`` (rows on axis 0, same trailing shape and dtype as every other request) in some batch."""
         ticket = _Ticket(x)
         with self._lock:
-            self._waiting.append(ticket)
-            lead = not self._running
-            self._running = True
+            lead = self._leaders < self.lanes
+            if lead:
+                self._leaders += 1
+            else:
+                self._waiting.append(ticket)
         if not lead:
             ticket.done.wait()
             if not ticket.lead:
                 return self._outcome(ticket)
-        self._lead()  # our ticket is at the head of the queue: the batch below includes it
+        self._lead(ticket)
         return self._outcome(ticket)
 
-    def _lead(self) -> None:
+    def _lead(self, own: _Ticket) -> None:
+        """Run ``own`` with the requests waiting, then pass the lead on (a ticket leaves the queue exactly once:
+        into a batch, or promoted to lead one)."""
         with self._lock:
-            batch = [self._waiting.popleft()]
-            rows = len(batch[0].x)
+            batch, rows = [own], len(own.x)
             while self._waiting and rows + len(self._waiting[0].x) <= self.max_rows:
                 batch.append(self._waiting.popleft())
                 rows += len(batch[-1].x)
@@ -78,8 +84,9 @@ class MicroBatcher(Generic[T]):
             self._compute(batch, rows)
         finally:
             with self._lock:
-                nxt = self._waiting[0] if self._waiting else None
-                self._running = nxt is not None
+                nxt = self._waiting.popleft() if self._waiting else None
+                if nxt is None:
+                    self._leaders -= 1
             if nxt is not None:
                 nxt.lead = True
                 nxt.done.set()

@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, default=256,
                    help="most rows one app request may carry; larger ones are refused before any compute "
                         "(default 256, as serve)")
+    p.add_argument("--micro-batch-rows", type=int, default=32,
+                   help="with --split device: app requests that arrive together run as one batch of at most this "
+                        "many rows, each app getting its own rows (default 32; 1 runs every request on its own)")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest app message, and largest decoded (decompressed) input tensor, in MiB (default 64)")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     )
     Agent(args.bundle, AgentOptions(device=device, listen=args.listen, metrics_port=args.metrics_port,
                                     metrics_host=args.metrics_host, workers=args.workers, http_port=args.http_port,
-                                    max_batch_rows=args.max_batch_rows,
+                                    max_batch_rows=args.max_batch_rows, micro_batch_rows=args.micro_batch_rows,
                                     max_message_bytes=int(args.max_message_mb * (1 << 20)))).serve_forever()
     return 0
 

@@ -7,7 +7,8 @@ Both paths carry one 100 KB boundary tensor (FP32 [1, 25600]) and both do the sa
 - offload: ``codec.encode`` -> ``runtime/client.py`` ``InferenceClient.infer`` (the agent's client, one reused
   channel) -> a real ``edgeexit serve``-style server (``oip_server.build_server``) whose handler is the
   service's own ``TailHandler`` (``runtime/service.py``: bundle check, ``decode_input``, shape check, the
-  dynamic batcher with batching off (``--max-batch-size 1``), timing parameters, finiteness check) with
+  dynamic batcher with batching off (``--max-batch-size 1``), timing parameters, finiteness check, the
+  server's metrics) with
   compute skipped: its ``_run`` hook returns 10 zero logits instead of running a model (the null tail);
 - tcp: ``codec.encode`` -> a length-prefixed frame to a small threaded TCP server that reads it, runs
   ``codec.decode`` on it (same datatype, shape, checks) and replies 40 bytes (10 float32 logits), which the
@@ -42,6 +43,7 @@ from edgeexit.bundle import TensorSpec  # noqa: E402
 from edgeexit.runtime import codec  # noqa: E402
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher  # noqa: E402
 from edgeexit.runtime.client import InferenceClient  # noqa: E402
+from edgeexit.runtime.metrics import ServerMetrics  # noqa: E402
 from edgeexit.runtime.oip_server import build_server  # noqa: E402
 from edgeexit.runtime.proto import grpc_service_pb2 as pb  # noqa: E402
 from edgeexit.runtime.service import ServiceOptions, TailHandler  # noqa: E402
@@ -56,14 +58,15 @@ MODEL = "null@0"
 class NullTail(TailHandler):
     """The service's TailHandler for a [batch, 25600] boundary with compute skipped (``_run`` answers zeros)."""
 
-    def __init__(self) -> None:  # no bundle: everything TailHandler.infer uses, set by hand
+    def __init__(self, metrics: ServerMetrics) -> None:  # no bundle: what TailHandler.infer uses, set by hand
         options = ServiceOptions(batching=BatchOptions(max_batch_size=1))
         self.start, self.name = 1, MODEL
         self.input_spec = TensorSpec("boundary0", ["batch", ELEMENTS])
         self.exits = [0]
         self.max_rows, self.max_bytes = options.max_batch_rows, options.max_message_bytes
-        self.version, self.metrics = DIGEST, None
-        self.batcher = DynamicBatcher(self._run, options.batching, name=self.name)
+        self.version, self.metrics = DIGEST, metrics  # the server's metrics, as build_handlers wires them
+        self.batcher = DynamicBatcher(self._run, options.batching, lambda n: metrics.observe_batch(self.name, n),
+                                      name=self.name, on_drop=metrics.observe_drop)
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {"exit0": np.zeros((len(x), 10), np.float32)}
@@ -163,7 +166,8 @@ def measure(grpc_target: str, tcp_addr: tuple[str, int], repeats: int, warmup: i
 
 
 def run_condition(label: str, repeats: int, warmup: int, link: object | None) -> dict:
-    server = build_server([NullTail()]).start()
+    metrics = ServerMetrics()
+    server = build_server([NullTail(metrics)], metrics=metrics).start()
     srv, port = tcp_server()
     relays = []
     try:

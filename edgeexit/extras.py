@@ -43,9 +43,9 @@ COMMAND_EXTRA: dict[str, str] = {
 # Modules each extra brings (mirrors pyproject.toml; tests/test_doctor.py checks the two agree).
 EXTRA_MODULES: dict[str, frozenset[str]] = {
     "client": frozenset(),
-    "device": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
+    "device": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "device-litert": frozenset({"ai_edge_litert", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
-    "serve": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
+    "serve": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "gpu": frozenset({"onnxruntime", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "triton": frozenset({"onnxruntime", "onnx", "grpc_health", "zstandard", "prometheus_client", "tqdm"}),
     "export": frozenset({"torch", "onnx", "onnxscript", "onnxruntime", "grpc_health", "zstandard",

@@ -79,7 +79,7 @@ def test_client_extra_is_numpy_grpcio_protobuf_only(source: Path, tmp_path: Path
 def test_device_extra_has_no_torch_and_doctor_runs(source: Path, tmp_path: Path) -> None:
     bin_dir = _venv_with("device", source, tmp_path)
     pkgs = _installed(bin_dir)
-    assert "onnxruntime" in pkgs and not pkgs & {"torch", "tensorflow", "onnx"}, sorted(pkgs)
+    assert "onnxruntime" in pkgs and not pkgs & {"torch", "tensorflow", "onnxscript"}, sorted(pkgs)
     proc = _run([str(bin_dir / "edgeexit"), "doctor", "--json"], ok=False)
     assert proc.returncode in (0, 1), proc.stderr  # 1 = a FAIL line (e.g. disk): the report still printed
     assert '"onnxruntime"' in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeexit.errors import ConfigError
-from edgeexit.policies import ExitPolicy, final_answer
+from edgeexit.policies import ExitPolicy, check_logits, final_answer
 
 if TYPE_CHECKING:  # keeps onnxruntime out of import time
     from edgeexit.bundle import Manifest
-    from edgeexit.runtime.runner import SegmentRunner
+    from edgeexit.runtime.runner import SegmentOutput, SegmentRunner
 
 
 @dataclass
@@ -51,35 +51,80 @@ def _batches(n: int, batch_size: int) -> range:
     return range(0, n, batch_size)
 
 
-def _run_batch(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, out: EarlyExitResult, rows: np.ndarray):
-    manifest = runner.manifest
-    flops = executed_flops(manifest)
-    active = rows  # global row indices still in the batch
-    cur = x
+@dataclass(frozen=True)
+class _Stage:
+    """Segments ``start..stop-1`` run as one call (one merged session when the runner has it), ending at the
+    segment that owns ``exits``: no decision is due before its end, so nothing is regrouped in between."""
+
+    start: int
+    stop: int
+    exits: tuple[int, ...]
+
+
+def _stages(manifest: Manifest) -> list[_Stage]:
+    stages, start = [], 0
+    for k, seg in enumerate(manifest.segments):
+        if seg.exits or k == len(manifest.segments) - 1:
+            stages.append(_Stage(start, k + 1, tuple(seg.exits)))
+            start = k + 1
+    return stages
+
+
+def _run_stage(runner: SegmentRunner, st: _Stage, x: np.ndarray) -> SegmentOutput:
+    # run_segment for one segment: stand-in runners (tests) need not implement ranges.
+    return runner.run_segment(st.start, x) if st.stop - st.start == 1 else runner.run(x, st.start, st.stop)
+
+
+def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[_Stage], flops: list[int], x: np.ndarray,
+               out: EarlyExitResult, first_row: int) -> None:
+    """Decide exit by exit; rows that leave are written to ``out`` and dropped from the continuing batch.
+
+    Per exit this does the policy's score on the continuing rows and nothing else when nobody leaves; when
+    some leave, one ``compress`` of the boundary (and of the history, only for policies that read it)."""
+    final = len(flops) - 1
+    keep_history = policy.uses_history
+    active: np.ndarray | None = None  # global row indices still in the batch; None: all rows of x, in order
+    cur, n = x, len(x)
     history: list[np.ndarray] = []
-    for k in range(runner.num_segments):
-        seg_out = runner.run_segment(k, cur)
+    for st in stages:
+        seg_out = _run_stage(runner, st, cur)
         boundary = seg_out.boundary
-        for j in manifest.segments[k].exits:
-            history.append(seg_out.exits[j])
-            d = policy.decide(history)
-            if d.mask.any():
-                gone = active[d.mask]
-                out.labels[gone] = d.labels[d.mask]
-                out.exit_index[gone] = j
-                out.probs[gone] = d.probs[d.mask]
-                out.segment_flops[gone] = flops[j]
-            keep = ~d.mask
-            if keep.all():
-                continue
-            # Regroup: every per-row array of the continuing batch drops the rows that left.
-            active = active[keep]
-            history = [h[keep] for h in history]
-            seg_out.exits = {i: v[keep] for i, v in seg_out.exits.items()}
-            if boundary is not None:
-                boundary = boundary[keep]
-            if not len(active):
+        for j in st.exits:
+            logits = seg_out.exits[j]
+            check_logits(logits, j, n)  # only the new exit: earlier ones were checked when they came
+            if keep_history:
+                history.append(logits)
+            if j == final:
+                s = final_answer(logits)
+                mask = None
+            else:
+                s = policy.score(history if keep_history else [logits])
+                mask = policy.passes(s.score, j)
+                if not mask.any():
+                    continue  # nobody leaves: no copies at all
+                if mask.all():
+                    mask = None
+            rows = active if active is not None else np.arange(first_row, first_row + n)
+            if mask is None:  # everybody left
+                out.labels[rows] = s.labels
+                out.exit_index[rows] = j
+                out.probs[rows] = s.probs
+                out.segment_flops[rows] = flops[j]
                 return
+            gone = np.flatnonzero(mask)
+            out.labels[rows[gone]] = s.labels[gone]
+            out.exit_index[rows[gone]] = j
+            out.probs[rows[gone]] = s.probs[gone]
+            out.segment_flops[rows[gone]] = flops[j]
+            # Regroup: the per-row arrays of the continuing batch drop the rows that left.
+            stay = ~mask
+            active = rows.compress(stay)
+            if keep_history:
+                history = [h.compress(stay, axis=0) for h in history]
+            seg_out.exits = {i: v.compress(stay, axis=0) for i, v in seg_out.exits.items() if i > j}
+            if boundary is not None:
+                boundary = boundary.compress(stay, axis=0)
+            n = len(active)
         cur = boundary
 
 
@@ -95,11 +140,12 @@ def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, bat
     c = runner.manifest.num_classes
     out = EarlyExitResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros((n, c), np.float32),
                           np.zeros(n, np.int64))
+    stages, flops = _stages(runner.manifest), executed_flops(runner.manifest)
     t0 = time.perf_counter()
     for s in _batches(n, batch_size):
         xb = x[s:s + batch_size]
         xb = xb if normalized else runner.normalize(xb)
-        _run_batch(runner, policy, np.ascontiguousarray(xb, dtype=np.float32), out, np.arange(s, s + len(xb)))
+        _run_batch(runner, policy, stages, flops, np.ascontiguousarray(xb, dtype=np.float32), out, s)
         if progress:
             progress(len(xb))
     out.seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -54,9 +54,10 @@ class ExitScore:
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax over the last axis (float64, so tiny probabilities keep their order)."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    z = logits.astype(np.float64)  # a fresh array: the in-place steps below (same values) skip two copies
+    z -= z.max(axis=-1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,6 +94,8 @@ class ExitPolicy:
     kind: str
     thresholds: list[float]
     params: dict[str, Any] = field(default_factory=dict)
+    # Whether score() reads exits before the last one (the runner keeps and regroups them only then).
+    uses_history: ClassVar[bool] = False
 
     @property
     def num_exits(self) -> int:
@@ -155,6 +158,8 @@ class MarginPolicy(ExitPolicy):
 class PatiencePolicy(ExitPolicy):
     """Exit when the last ``k`` exits (this one included) predict the same class and confidence >= tau."""
 
+    uses_history = True
+
     def score(self, history: list[np.ndarray]) -> ExitScore:
         k = int(self.params.get("k", 2))
         base = super().score(history)
@@ -168,6 +173,8 @@ class PatiencePolicy(ExitPolicy):
 
 class EnsemblePolicy(ExitPolicy):
     """Weighted geometric mean of the softmaxes of exits 0..j (weights ``params['weights']``, default j+1)."""
+
+    uses_history = True
 
     def score(self, history: list[np.ndarray]) -> ExitScore:
         weights = self.params.get("weights") or [i + 1.0 for i in range(len(history))]

@@ -167,12 +167,8 @@ def decode(data: bytes | memoryview, datatype: str, shape: list[int],
 
 
 def all_finite(x: np.ndarray) -> bool:
-    """Whether every value is finite. A finite sum of squares (one BLAS dot, no temporary array) proves it:
-    NaN and inf propagate into it; a non-finite one may be an overflow of large finite values, so then look."""
-    flat = x.reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.dot(flat, flat)
-    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
+    """Whether every value is finite (not a BLAS dot: OpenBLAS runs long ones on threads that spin)."""
+    return bool(np.isfinite(x).all())
 
 
 def describe_datatypes(datatypes: tuple[str, ...] | list[str]) -> str:

@@ -24,6 +24,7 @@ DATATYPE_NUMPY = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
 NUMPY_DATATYPE = {np.dtype(v): k for k, v in DATATYPE_NUMPY.items()}
+_DTYPES = {k: np.dtype(v) for k, v in DATATYPE_NUMPY.items()}
 # Which InferTensorContents field carries which datatype when a client does not send raw bytes.
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -256,18 +257,19 @@ def response_to_pb(model: str, request_id: str, resp: InferResponse, wanted: lis
 
 def outputs_from_pb(resp: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Output name -> numpy array (in the datatype sent) from a ModelInferResponse with raw contents."""
-    raw = list(resp.raw_output_contents)
-    if len(raw) != len(resp.outputs):
-        raise InvalidTensor(f"response has {len(resp.outputs)} outputs but {len(raw)} raw contents")
+    outputs, raw = resp.outputs, resp.raw_output_contents  # each protobuf field read once: upb access is slow
+    if len(raw) != len(outputs):
+        raise InvalidTensor(f"response has {len(outputs)} outputs but {len(raw)} raw contents")
     result: dict[str, np.ndarray] = {}
-    for t, data in zip(resp.outputs, raw, strict=True):
-        dtype = DATATYPE_NUMPY.get(t.datatype)
+    for t, data in zip(outputs, raw, strict=True):
+        name, datatype = t.name, t.datatype
+        dtype = _DTYPES.get(datatype)
         if dtype is None:
-            raise InvalidTensor(f"output {t.name!r} has datatype {t.datatype}, which edgeexit cannot read")
-        shape = codec.check_shape(list(t.shape))
-        if codec.tensor_bytes(shape, np.dtype(dtype).itemsize) != len(data):  # Python ints: no int64 wrap
-            raise InvalidTensor(f"output {t.name!r}: {len(data)} bytes do not fit shape {shape} of {t.datatype}")
-        result[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+            raise InvalidTensor(f"output {name!r} has datatype {datatype}, which edgeexit cannot read")
+        shape = codec.check_shape(t.shape)
+        if codec.tensor_bytes(shape, dtype.itemsize) != len(data):  # Python ints: no int64 wrap
+            raise InvalidTensor(f"output {name!r}: {len(data)} bytes do not fit shape {shape} of {datatype}")
+        result[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
     return result
 
 

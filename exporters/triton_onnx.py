@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, compose, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from edgeexit.bundle import BATCH, Bundle
 from edgeexit.errors import ExportError
+from edgeexit.runtime.merge import all_nodes, load_prefixed, merged_functions
 
 # Encoding -> (OIP datatype, ONNX element type) of the model's input.
 TAIL_ENCODINGS = {"fp32": ("FP32", TensorProto.FLOAT), "fp16": ("FP16", TensorProto.FLOAT16),
@@ -100,7 +101,7 @@ def write_onnx_tail(bundle: Bundle, start: int, encoding: str, out: Path) -> Tai
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeexit",
                               doc_string=f"{name}: segments {start}..{n - 1} of {m.name}, input {encoding}")
     model.ir_version = max(g.ir_version for g, _ in graphs)
-    model.functions.extend(_merged_functions([g for g, _ in graphs]))
+    model.functions.extend(merged_functions([g for g, _ in graphs]))
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, shape_inference.InferenceError) as e:
@@ -176,34 +177,13 @@ def _quantization(bundle: Bundle, split: int) -> tuple[float, int]:
 
 
 def _load_segment(bundle: Bundle, k: int) -> tuple[onnx.ModelProto, int]:
-    """Segment k's model with every internal name prefixed ``s{k}_``; its input/output names stay, as they
-    are unique across the bundle (``boundary{k}``, ``exit{j}``) and chain the segments."""
-    model = onnx.load_model(str(bundle.segment_path(k, "onnx")))
-    compose.add_prefix_graph(model.graph, f"s{k}_", rename_inputs=False, rename_outputs=False, inplace=True)
-    # Local functions are called by name: prefix them as well and the call sites with them.
-    renamed = {(f.domain, f.name): f"s{k}_{f.name}" for f in model.functions}
-    for f in model.functions:
-        f.name = renamed[(f.domain, f.name)]
-    bodies = [n for f in model.functions for n in f.node]  # functions may call other local functions
-    for node in _all_nodes(model.graph) + bodies:
-        if (node.domain, node.op_type) in renamed:
-            node.op_type = renamed[(node.domain, node.op_type)]
-    return model, k
-
-
-def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    out = []
-    for node in graph.node:
-        out.append(node)
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out += _all_nodes(sub)
-    return out
+    """Segment k with internal names prefixed ``s{k}_`` (runtime/merge.py merges the runner's ranges alike)."""
+    return load_prefixed(bundle.segment_path(k, "onnx"), k), k
 
 
 def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Point every reader of ``old`` (in subgraphs too, which see the outer scope) at ``new``."""
-    for node in _all_nodes(graph):
+    for node in all_nodes(graph):
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
@@ -218,10 +198,6 @@ def _merged_opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProt
                                   f"({seen[op.domain]} and {op.version}); re-export the bundle with one --opset")
     seen.setdefault("", 13)  # DequantizeLinear/Cast/Sub/Div of the prologue need the default domain
     return [helper.make_opsetid(d, v) for d, v in seen.items()]
-
-
-def _merged_functions(models: list[onnx.ModelProto]) -> list[onnx.FunctionProto]:
-    return [f for model in models for f in model.functions]
 
 
 def _dim(d: int | str) -> int | str:

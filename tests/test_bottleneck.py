@@ -22,6 +22,8 @@ from edgeexit.bundle import Bundle
 from edgeexit.cli import main
 from edgeexit.errors import BundleError
 from edgeexit.exporters import ExportOptions, export_model
+from edgeexit.exporters.graph_cut import GraphAnalysis, plan_cuts
+from edgeexit.exporters.sources import load_traced
 from edgeexit.manifest_schema import check_manifest_dict
 from edgeexit.policies import softmax
 from edgeexit.runtime.decided import CLOUD
@@ -88,11 +90,17 @@ def test_export_cuts_at_the_encoder_output_and_marks_it(bn_bundle, bn_pt2):
     assert p.bytes_per_sample["int8"] == CHANNELS * 16
     # hardtanh keeps the code in [-1, 1]: the calibrated int8 step is at most 2/255
     assert 0 < p.quantization["scale"] <= 2 / 255 + 1e-9
-    # exits mode cuts there too (the exit-1 branch point moves to the code)
-    out = bn_bundle.parent / "bn_exits.edgeexit"
-    ex = export_model(bn_pt2, out, options=ExportOptions(split_points="exits", progress=False)).manifest
-    assert [p.tensor.shape[1:] for p in ex.split_points] == [[16, 14, 14], [CHANNELS, 4, 4]]
-    assert ex.split_points[1].bottleneck is not None and ex.segments[1].exits == [1]
+
+
+def cut_plan(pt2: Path, mode: str):
+    an = GraphAnalysis(load_traced(pt2, ExportOptions()).module)
+    return plan_cuts(an, mode)[0]
+
+
+def test_exits_mode_cuts_at_the_code_too(bn_pt2):
+    plan = cut_plan(bn_pt2, "exits")  # the exit-1 branch point (stage 1's output) moves to the code
+    assert [list(c.meta["val"].shape[1:]) for c in plan.cuts] == [[16, 14, 14], [CHANNELS, 4, 4]]
+    assert list(plan.bottlenecks) == [1] and plan.exits_per_segment == [[0], [1], [2]]
 
 
 def test_every_exit_of_the_bundle_matches_torch(bn_bundle, bn_pt2, val):
@@ -124,14 +132,15 @@ def test_agent_to_service_at_the_bottleneck_equals_the_local_run(bn_bundle, val,
         assert res.bytes_sent <= len(val) * CHANNELS * 16 + 1024  # 1 byte per element (+ request overhead)
 
 
-def test_a_bundle_without_a_bottleneck_is_unchanged(trained_resnet_pt2, tmp_path, tiny_bundle):
-    out = export_model(trained_resnet_pt2, tmp_path / "plain.edgeexit", options=ExportOptions(progress=False))
-    m = out.manifest
-    assert [p.tensor.shape[1:] for p in m.split_points] == [[1, 28, 28], [16, 14, 14], [48, 7, 7], [112, 4, 4]]
+def test_a_model_or_bundle_without_a_bottleneck_is_unchanged(trained_resnet_pt2, tiny_bundle):
+    plan = cut_plan(trained_resnet_pt2, "auto")
+    assert [list(c.meta["val"].shape[1:]) for c in plan.cuts] == [[1, 28, 28], [16, 14, 14], [48, 7, 7], [112, 4, 4]]
+    assert plan.bottlenecks == {}
+    m = Bundle.load(tiny_bundle).manifest
     assert all(p.bottleneck is None for p in m.split_points)
-    for bundle in (tmp_path / "plain.edgeexit", Path(tiny_bundle)):
-        text = (bundle / "manifest.json").read_text()
-        assert "bottleneck" not in text  # no new key, not even a null: manifests and digests as before
+    # no new key, not even a null: manifests (and so digests) of plain bundles are as before
+    assert "bottleneck" not in (Path(tiny_bundle) / "manifest.json").read_text()
+    assert "bottleneck" not in json.dumps(m.to_dict())
 
 
 def test_the_schema_checks_the_bottleneck_field(bn_bundle):

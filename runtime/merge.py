@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from edgeexit.bundle import Bundle
 from edgeexit.errors import BundleError
+from edgeexit.runtime.backends import PortFacts, SegmentIO, check_io
 
 if TYPE_CHECKING:  # onnx is imported only when a merge is asked for: a LiteRT device may not have it
     import onnx
@@ -65,6 +66,19 @@ def opset_versions(models: list[onnx.ModelProto]) -> dict[str, int] | tuple[str,
     return seen
 
 
+def _facts(ports) -> list[PortFacts]:
+    """(name, dims, dtype) of graph inputs/outputs, as backends.check_io takes them from a session."""
+    from onnx import helper
+
+    out: list[PortFacts] = []
+    for p in ports:
+        t = p.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+        dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
+        out.append((p.name, dims, dtype))
+    return out
+
+
 def merged_functions(models: list[onnx.ModelProto]) -> list[onnx.FunctionProto]:
     return [f for model in models for f in model.functions]
 
@@ -80,7 +94,15 @@ def merge_range(bundle: Bundle, start: int, stop: int, fmt: str = "onnx") -> byt
     n = len(m.segments)
     if not 0 <= start < stop <= n:
         raise BundleError(f"segment range {start}..{stop} is outside 0..{n}")
-    models = [load_prefixed(bundle.segment_path(k, fmt), k) for k in range(start, stop)]
+    models = []
+    for k in range(start, stop):
+        path = bundle.segment_path(k, fmt)
+        models.append(load_prefixed(path, k))
+        # Each file is checked against the manifest as its own session would be: the merged session's check
+        # sees only the range's ends, so a file lying about an inner boundary is refused here.
+        seg, graph = m.segments[k], models[-1].graph
+        io = SegmentIO([t.name for t in seg.inputs], [t.name for t in seg.outputs], {}, seg.inputs, seg.outputs)
+        check_io(path, io, _facts(graph.input), _facts(graph.output))
     opsets = opset_versions(models)
     if isinstance(opsets, tuple):
         raise BundleError(f"segments use different versions of opset {opsets[0] or 'ai.onnx'!r} ({opsets[1]} and "

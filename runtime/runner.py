@@ -184,7 +184,8 @@ class SegmentRunner:
             self.merge = False
             event(log, "merge_unavailable", reason="the onnx package is not installed; segments run one by one")
             return None
-        except (BundleError, OSError, ValueError) as e:  # onnx's own errors on odd files are ValueErrors
+        except Exception as e:  # noqa: BLE001 - any failure (onnx's parse errors too): chaining still works,
+            # and opening the segments one by one raises the BundleError that says what is wrong with a file
             log.warning("cannot merge segments %d..%d (%s); running them one by one", start, stop - 1, e)
             return None
         segs = self.manifest.segments[start:stop]
@@ -193,7 +194,11 @@ class SegmentRunner:
         exits = tuple(j for s in segs for j in s.exits)
         outs = ([specs[f"boundary{stop - 1}"]] if last else []) + [specs[f"exit{j}"] for j in exits]
         io = SegmentIO([segs[0].inputs[0].name], [t.name for t in outs], {}, [segs[0].inputs[0]], outs)
-        sess = OrtSession(model, self.threads, io, self.providers, label=f"segments {start}..{stop - 1} merged")
+        try:
+            sess = OrtSession(model, self.threads, io, self.providers, label=f"segments {start}..{stop - 1} merged")
+        except BundleError as e:  # the segments' own sessions say what is wrong with a file, if anything is
+            log.warning("cannot open segments %d..%d merged (%s); running them one by one", start, stop - 1, e)
+            return None
         event(log, "merged_session", start=start, stop=stop, segments=stop - start)
         return _Step(sess.run, segs[0].inputs[0].name, exits, last, _checker(segs[0].inputs[0]))
 

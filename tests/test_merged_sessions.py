@@ -213,3 +213,25 @@ def test_reference_resnet_exits_merged_equals_chained(trained_resnet_pt2, tmp_pa
             for j in want:
                 _same(got[j], want[j])
             boundary = merged.run_segment(start, boundary).boundary
+
+
+def test_a_file_lying_about_an_inner_boundary_is_refused_on_the_merged_path(tiny_bundle, tmp_path) -> None:
+    """The merged session's own check sees only the range's ends: each file is still checked against the
+    manifest (here boundary1, inside the range 0..2, is 16 channels but the manifest says 17)."""
+    import json
+    import shutil
+
+    from edgeexit.bundle import Bundle
+
+    root = tmp_path / "lying.edgeexit"
+    shutil.copytree(tiny_bundle, root)
+    data = json.loads((root / "manifest.json").read_text())
+    data["segments"][1]["outputs"][0]["shape"][1] = 17
+    data["segments"][2]["inputs"][0]["shape"][1] = 17
+    data["split_points"][1]["tensor"]["shape"][1] = 17
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"output 'boundary1' is float32 \[None, 16, 14, 14\] but the manifest"):
+        merge.merge_range(Bundle.load(root), 0, 3)
+    runner = SegmentRunner(root)
+    with pytest.raises(BundleError, match="boundary1"):
+        runner.run_all(runner.normalize(_input(runner, 1)))

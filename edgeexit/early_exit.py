@@ -52,7 +52,7 @@ def _batches(n: int, batch_size: int) -> range:
 
 
 @dataclass(frozen=True)
-class _Stage:
+class Stage:
     """Segments ``start..stop-1`` run as one call (one merged session when the runner has it), ending at the
     segment that owns ``exits``: no decision is due before its end, so nothing is regrouped in between."""
 
@@ -61,21 +61,23 @@ class _Stage:
     exits: tuple[int, ...]
 
 
-def _stages(manifest: Manifest) -> list[_Stage]:
+def exit_stages(manifest: Manifest) -> list[Stage]:
+    """The bundle's segments cut after every segment that owns an exit (and after the last one)."""
     stages, start = [], 0
     for k, seg in enumerate(manifest.segments):
         if seg.exits or k == len(manifest.segments) - 1:
-            stages.append(_Stage(start, k + 1, tuple(seg.exits)))
+            stages.append(Stage(start, k + 1, tuple(seg.exits)))
             start = k + 1
     return stages
 
 
-def _run_stage(runner: SegmentRunner, st: _Stage, x: np.ndarray) -> SegmentOutput:
+def run_stage(runner: SegmentRunner, st: Stage, x: np.ndarray) -> SegmentOutput:
+    """One call of the runner for the stage (a range runs merged when the runner can merge it)."""
     # run_segment for one segment: stand-in runners (tests) need not implement ranges.
     return runner.run_segment(st.start, x) if st.stop - st.start == 1 else runner.run(x, st.start, st.stop)
 
 
-def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[_Stage], flops: list[int], x: np.ndarray,
+def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[Stage], flops: list[int], x: np.ndarray,
                out: EarlyExitResult, first_row: int) -> None:
     """Decide exit by exit; rows that leave are written to ``out`` and dropped from the continuing batch.
 
@@ -87,7 +89,7 @@ def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[_Stage], 
     cur, n = x, len(x)
     history: list[np.ndarray] = []
     for st in stages:
-        seg_out = _run_stage(runner, st, cur)
+        seg_out = run_stage(runner, st, cur)
         boundary = seg_out.boundary
         for j in st.exits:
             logits = seg_out.exits[j]
@@ -104,21 +106,22 @@ def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[_Stage], 
                     continue  # nobody leaves: no copies at all
                 if mask.all():
                     mask = None
-            rows = active if active is not None else np.arange(first_row, first_row + n)
             if mask is None:  # everybody left
+                rows = active if active is not None else slice(first_row, first_row + n)
                 out.labels[rows] = s.labels
                 out.exit_index[rows] = j
                 out.probs[rows] = s.probs
                 out.segment_flops[rows] = flops[j]
                 return
             gone = np.flatnonzero(mask)
-            out.labels[rows[gone]] = s.labels[gone]
-            out.exit_index[rows[gone]] = j
-            out.probs[rows[gone]] = s.probs[gone]
-            out.segment_flops[rows[gone]] = flops[j]
+            dst = active[gone] if active is not None else gone + first_row
+            out.labels[dst] = s.labels[gone]
+            out.exit_index[dst] = j
+            out.probs[dst] = s.probs[gone]
+            out.segment_flops[dst] = flops[j]
             # Regroup: the per-row arrays of the continuing batch drop the rows that left.
             stay = ~mask
-            active = rows.compress(stay)
+            active = active.compress(stay) if active is not None else np.flatnonzero(stay) + first_row
             if keep_history:
                 history = [h.compress(stay, axis=0) for h in history]
             seg_out.exits = {i: v.compress(stay, axis=0) for i, v in seg_out.exits.items() if i > j}
@@ -140,7 +143,7 @@ def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, bat
     c = runner.manifest.num_classes
     out = EarlyExitResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros((n, c), np.float32),
                           np.zeros(n, np.int64))
-    stages, flops = _stages(runner.manifest), executed_flops(runner.manifest)
+    stages, flops = exit_stages(runner.manifest), executed_flops(runner.manifest)
     t0 = time.perf_counter()
     for s in _batches(n, batch_size):
         xb = x[s:s + batch_size]

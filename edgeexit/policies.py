@@ -68,6 +68,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def check_logits(logits: np.ndarray, j: int, batch: int | None = None) -> None:
     """Raise InvalidTensor unless ``logits`` is a finite [B, C] array."""
+    if (isinstance(logits, np.ndarray) and logits.ndim == 2 and logits.shape[1] >= 1
+            and (batch is None or logits.shape[0] == batch) and np.isfinite(logits.sum())):
+        return  # the hot path: a finite sum means every element is finite (NaN and inf propagate)
     if not isinstance(logits, np.ndarray) or logits.ndim != 2 or logits.shape[1] < 1:
         shape = getattr(logits, "shape", type(logits).__name__)
         raise InvalidTensor(f"exit {j}: logits must be a [batch, classes] array, got {shape}")

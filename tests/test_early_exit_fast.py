@@ -78,10 +78,10 @@ def test_only_history_policies_keep_history():
 
 
 def test_stages_end_at_the_segments_that_own_exits(tiny_bundle):
-    from edgeexit.early_exit import _stages
+    from edgeexit.early_exit import exit_stages
 
     m = tiny_bundle_manifest(tiny_bundle)
-    stages = _stages(m)
+    stages = exit_stages(m)
     assert stages[0].start == 0 and stages[-1].stop == len(m.segments)
     assert all(a.stop == b.start for a, b in zip(stages, stages[1:], strict=False))  # contiguous, no gaps
     assert [j for s in stages for j in s.exits] == list(range(len(m.exits)))

@@ -1,7 +1,8 @@
 """The ViT-style reference (``vit-exits``: patch embedding, class token, pre-norm blocks, exits on the class
 token) through the real exporter and runtime: cuts between blocks, every exit vs torch, LiteRT, split execution
 agent -> service over real gRPC, and every exit policy on its logits. The test model has the reference's
-structure (6 blocks, exits after blocks 2, 3, 4, 6) at a smaller width, with seeded weights."""
+structure at a smaller size (3 blocks of width 32, an exit after each), seeded and trained a few steps on
+digits: export time grows with the number of blocks."""
 
 from __future__ import annotations
 
@@ -23,9 +24,30 @@ from tests.fixtures_bundles import digits_28, make_bundle, seeded
 DIM, TOKENS = 32, 17  # 4x4 patches of 7x7 pixels + the class token
 
 
-def small_vit() -> torch.nn.Module:
+def digits_with_labels(n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """digits_28's images with their labels (the same seeded permutation)."""
+    from sklearn.datasets import load_digits
+
+    y = load_digits().target
+    idx = np.random.default_rng(0).permutation(len(y))[:n]
+    return digits_28(n), y[idx].astype(np.int64)
+
+
+def small_vit(steps: int = 30) -> torch.nn.Module:
+    """Seeded, then a few joint-loss steps on digits, so exits are confident on some rows and agree on some
+    (patience needs agreement) while every number stays reproducible."""
     torch.manual_seed(0)
-    return seeded(vit_exits(dim=DIM, heads=2))
+    model = seeded(vit_exits(dim=DIM, heads=2, depth=3, exit_after=(1, 2, 3))).train()
+    x, y = (torch.from_numpy(a) for a in digits_with_labels())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (32,), generator=gen)
+        loss = sum(torch.nn.functional.cross_entropy(o, y[idx]) for o in model(x[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +93,7 @@ def test_flops_count_every_token_and_the_attention_matmuls():
 
 def test_export_cuts_between_blocks_with_one_token_tensor_per_split(vit_bundle):
     m = Bundle.load(vit_bundle).manifest
-    assert [s.exits for s in m.segments] == [[0], [1], [2], [3]]
+    assert [s.exits for s in m.segments] == [[0], [1], [2]]
     for sp in m.split_points:
         assert list(sp.tensor.shape) == ["batch", TOKENS, DIM]
         assert sp.bytes_per_sample == {"fp32": 4 * TOKENS * DIM, "fp16": 2 * TOKENS * DIM, "int8": TOKENS * DIM}
@@ -84,13 +106,13 @@ def test_every_exit_matches_torch(vit, vit_bundle, batch):
     runner = SegmentRunner(vit_bundle)
     got = runner.run_all(runner.normalize(x))
     ref = torch_exits(vit, x)
-    assert len(got) == 4
+    assert len(got) == 3
     for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape == (batch, 10)
         assert np.abs(g - r).max() <= 1e-4
 
 
-@pytest.mark.parametrize("split", [0, 1, 2])
+@pytest.mark.parametrize("split", [0, 1])
 def test_split_execution_over_grpc_equals_the_local_run(vit_bundle, cloud, split):
     x = digits_28(24, seed=3)
     runner = SegmentRunner(vit_bundle)
@@ -128,7 +150,7 @@ def test_every_policy_runs_on_the_vit_logits_batched_as_offline(vit_bundle, kind
     runner = SegmentRunner(vit_bundle)
     logits = collect_logits(runner, x)
     params = {"k": 2} if kind == "patience" else {}
-    probe = make_policy(kind, [0.0] * 3, **params)
+    probe = make_policy(kind, [0.0] * 2, **params)
     scores = ExitTrace.build(probe, logits).scores
     finite = [s[np.isfinite(s)] for s in scores]
     policy = make_policy(kind, [float(np.median(s)) if len(s) else 1.0 for s in finite], **params)
@@ -137,7 +159,7 @@ def test_every_policy_runs_on_the_vit_logits_batched_as_offline(vit_bundle, kind
         got = run_early_exit(runner, policy, x, batch_size=batch_size)
         np.testing.assert_array_equal(got.exit_index, want_exit)
         np.testing.assert_array_equal(got.labels, want_labels)
-    assert (want_exit == 0).any() and (want_exit > 0).any()  # rows leave mid-batch: the runner regroups
+    assert len(set(want_exit.tolist())) >= 2  # rows leave at different exits: the runner regroups mid-batch
 
 
 @pytest.mark.slow

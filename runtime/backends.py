@@ -132,6 +132,12 @@ class SegmentSession(Protocol):
         ...
 
 
+# onnxruntime's intra-op threads spin between operators (its default: the lowest single-stream latency). A process
+# serving concurrent callers on shared cores sets this False before opening sessions (the agent does): spinning
+# threads burn the cores the others need (camera model, 2 threads, one caller: 40 ms of CPU per 9 ms forward).
+INTRA_OP_SPINNING = True
+
+
 class OrtSession:
     """An onnxruntime session pinned to a thread count (1 by default: a phone-class core), on ``providers``
     (onnxruntime's names, ``resolve_providers``; CPU by default). ``providers`` is what it really got."""
@@ -148,6 +154,8 @@ class OrtSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if threads > 1 and not INTRA_OP_SPINNING:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             model = path if isinstance(path, bytes) else str(path)
             self._sess = ort.InferenceSession(model, sess_options=opts, providers=list(providers))

@@ -10,18 +10,22 @@ torch not imported), apps in this process talking to it over loopback gRPC with 
     bootstrap interval (each sample set resampled independently).
 (b) ``agent_throughput_over_bare``: requests/s of 32 concurrent apps (one grpc.aio event loop, 32 requests always
     in flight) through an agent with ``--threads`` = cores, over bare onnxruntime throughput with 32 Python threads
-    each calling the same bare sessions (``--threads`` = cores) for batch-1 inputs. That is the fair comparison:
-    the agent's alternative is every app running the model itself on the same cores; a bare batch-32 run is printed
-    as context (it is what perfect batching would reach; on this model batching does not pay, see the table).
+    each calling the same bare sessions (``--threads`` = cores, onnxruntime's default options) for batch-1 inputs.
+    That is the fair comparison: the agent's alternative is every app running the model itself on the same cores
+    with onnxruntime as it comes. Context rows: a bare batch-32 run (what perfect batching reaches; on this model
+    ~15% less CPU per row than batch 1), and bare threads with intra-op spinning off, as the agent opens its
+    sessions (runtime/backends.py INTRA_OP_SPINNING): the agent's ratio against that is its pure overhead.
     Windows alternate agent/bare (ABAB...); ratio = median over rounds of the per-round ratio, bootstrap interval
-    over rounds.
+    over rounds. The agent runs with its defaults (concurrent device-only requests micro-batched, two batches at a
+    time: runtime/micro_batch.py); a second agent with ``--micro-batch-rows 1`` (every request on its own gRPC
+    thread) runs in the same rounds, so the table shows what micro-batching buys.
 
 Both use the exit policy ``never`` by default (``--policy``): every segment runs for every request, so the agent
 does exactly the bare forward's work and the ratios measure only the agent's cost (the calibrated policy would let
 it skip segments and flatter it). Plus the agent's cold start and RSS with the camera bundle
 (benchmarks/agent_startup.py). The last stdout line is the JSON of benchmarks/results/agent_overhead.json.
 
-Real figures: ``.venv/bin/python benchmarks/agent_overhead.py`` with nothing else running (~3 min).
+Real figures: ``.venv/bin/python benchmarks/agent_overhead.py`` with nothing else running (~4 min).
 Smoke: ``--quick`` (~30 s).
 """
 
@@ -48,13 +52,15 @@ DEFAULT_BUNDLE = ROOT / "artifacts" / "camera_resnet.edgeexit"
 APPS = 32
 
 
-def _bare_forward(bundle: Path, threads: int):
-    """The bundle's segments chained with plain onnxruntime sessions: the floor's compute."""
+def _bare_forward(bundle: Path, threads: int, spin: bool = True):
+    """The bundle's segments chained with plain onnxruntime sessions (its defaults: intra-op threads spin)."""
     from edgeexit.bundle import Bundle
 
     b = Bundle.load(bundle, verify=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [ort.InferenceSession(str(b.segment_path(k, "onnx")), opts, providers=["CPUExecutionProvider"])
                 for k in range(len(b.manifest.segments))]
     names = [s.get_inputs()[0].name for s in sessions]
@@ -190,29 +196,44 @@ def _bare_batched_window(forward, xb: np.ndarray, seconds: float) -> float:
 def throughput(bundle: Path, threads: int, policy: str, rounds: int, seconds: float, extra: list[str]) -> dict:
     """(b): 32 apps through the agent vs 32 threads on bare sessions, alternating windows."""
     forward, manifest = _bare_forward(bundle, threads)
+    quiet, _ = _bare_forward(bundle, threads, spin=False)
     shape = [1, *(int(d) for d in manifest.input.shape[1:])]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     xb = np.repeat(x, APPS, axis=0)
     agent = AgentProcess(bundle, threads, policy, extra)
+    single = AgentProcess(bundle, threads, policy, [*extra, "--micro-batch-rows", "1"])
     req = _request(manifest, x)
-    agent_rps, bare_rps, batched_rps = [], [], []
+    agent_rps, single_rps, bare_rps, batched_rps, quiet_rps = [], [], [], [], []
     try:
-        asyncio.run(_agent_window(agent.target, req, min(seconds, 1.0), APPS))  # warm-up
+        for a in (agent, single):  # warm-up
+            asyncio.run(_agent_window(a.target, req, min(seconds, 1.0), APPS))
         _bare_threads_window(forward, x, min(seconds, 1.0), APPS)
         for _ in range(rounds):
             agent_rps.append(asyncio.run(_agent_window(agent.target, req, seconds, APPS)))
             bare_rps.append(_bare_threads_window(forward, x, seconds, APPS))
+            single_rps.append(asyncio.run(_agent_window(single.target, req, seconds, APPS)))
             batched_rps.append(_bare_batched_window(forward, xb, seconds / 2))
+            quiet_rps.append(_bare_threads_window(quiet, x, seconds / 2, APPS))
     finally:
         agent.close()
+        single.close()
     ratios = [a / b for a, b in zip(agent_rps, bare_rps, strict=True)]
-    rng = np.random.default_rng(2)
-    boot = [np.median(rng.choice(ratios, len(ratios))) for _ in range(2000)]
+    single_ratios = [a / b for a, b in zip(single_rps, bare_rps, strict=True)]
     return {"agent_throughput_over_bare": round(statistics.median(ratios), 3),
-            "throughput_ci": [round(float(np.percentile(boot, 2.5)), 3), round(float(np.percentile(boot, 97.5)), 3)],
+            "throughput_ci": _boot_median(ratios),
+            "unbatched_agent_throughput_over_bare": round(statistics.median(single_ratios), 3),
+            "unbatched_ci": _boot_median(single_ratios),
+            "agent_unbatched_rps": round(statistics.median(single_rps), 1),
             "agent_rps": round(statistics.median(agent_rps), 1),
             "bare_threads_rps": round(statistics.median(bare_rps), 1),
-            "bare_batched32_rps": round(statistics.median(batched_rps), 1), "rounds": rounds, "window_s": seconds}
+            "bare_batched32_rps": round(statistics.median(batched_rps), 1),
+            "bare_threads_nospin_rps": round(statistics.median(quiet_rps), 1), "rounds": rounds, "window_s": seconds}
+
+
+def _boot_median(values: list[float], n: int = 2000) -> list[float]:
+    rng = np.random.default_rng(2)
+    boot = [np.median(rng.choice(values, len(values))) for _ in range(n)]
+    return [round(float(np.percentile(boot, 2.5)), 3), round(float(np.percentile(boot, 97.5)), 3)]
 
 
 def main() -> None:
@@ -247,14 +268,20 @@ def main() -> None:
     print(f"| bare onnxruntime forward, 1 thread (ms) | {lat['bare_forward_ms']} | | |")
     print(f"| empty gRPC round trip, ServerLive (ms) | {lat['empty_grpc_ms']} | | |")
     print(f"| agent / (bare + empty) | {lat['agent_overhead_over_floor']} | {lat['overhead_ci']} | <= 1.3 |")
-    print(f"| agent, {APPS} apps, --threads {cores} (req/s) | {thr['agent_rps']} | | |")
+    print(f"| agent, {APPS} apps, --threads {cores}, micro-batched (default; req/s) | {thr['agent_rps']} | | |")
+    print(f"| agent, same, --micro-batch-rows 1 (req/s) | {thr['agent_unbatched_rps']} | | |")
     print(f"| bare, {APPS} threads on one session set (req/s) | {thr['bare_threads_rps']} | | |")
     print(f"| bare, batch {APPS} (rows/s, context) | {thr['bare_batched32_rps']} | | |")
+    print(f"| bare, {APPS} threads, intra-op spinning off as in the agent (req/s, context) | "
+          f"{thr['bare_threads_nospin_rps']} | | |")
     print(f"| agent / bare throughput | {thr['agent_throughput_over_bare']} | {thr['throughput_ci']} | >= 0.7 |")
+    print(f"| unbatched agent / bare throughput | {thr['unbatched_agent_throughput_over_bare']} | "
+          f"{thr['unbatched_ci']} | |")
     print(f"| agent cold start (s) | {result['agent_cold_start_s']} | | <= 0.5 |")
     print(f"| agent RSS after 20 requests (MB) | {result['agent_rss_mb']} | | <= 100 |")
     keys = ("agent_overhead_over_floor", "overhead_ci", "agent_throughput_over_bare", "throughput_ci",
-            "agent_request_ms", "bare_forward_ms", "empty_grpc_ms", "agent_rps", "bare_threads_rps",
+            "unbatched_agent_throughput_over_bare", "agent_request_ms", "bare_forward_ms", "empty_grpc_ms",
+            "agent_rps", "agent_unbatched_rps", "bare_threads_rps", "bare_threads_nospin_rps",
             "bare_batched32_rps", "agent_cold_start_s", "agent_rss_mb")
     print(json.dumps({k: result[k] for k in keys}))
 

@@ -53,6 +53,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from edgeexit.errors import ConfigError
 from edgeexit.hostport import parse_hostport
 from edgeexit.logs import event
+from edgeexit.runtime import backends
 from edgeexit.runtime.decided import DECIDED_NAMES
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime, Result
 from edgeexit.runtime.metrics import LATENCY_BUCKETS
@@ -294,6 +295,7 @@ class Agent:
         # the metrics exist wait in _early.
         self._sync = threading.RLock()
         self._early: list[tuple[str, dict[str, Any]]] = []
+        backends.INTRA_OP_SPINNING = False  # many apps on cores they share with us: see runtime/backends.py
         self.runtime = DeviceRuntime(bundle, options.device, on_event=self._on_event)
         self.handler = AgentHandler(self.runtime, options.max_batch_rows, options.max_message_bytes,
                                     options.micro_batch_rows)

@@ -14,7 +14,8 @@ The exporter (``exporters/graph_cut.py``) recognises a module whose class is nam
 cuts exactly at its encoder's output; the manifest marks that split point (``SplitPoint.bottleneck``).
 
 Training is distillation from the frozen original: MSE of the decoded tensor to the original boundary tensor
-(normalised by its mean square) + KL of every exit after the split to the original's same exit. The prefix
+(normalised by its mean square) + KL of every exit after the split to the original's same exit (KL joins after
+the first ``kl_from`` share of the steps: MSE alone needs no backward through the tail, so it is cheap). The prefix
 (stages and exits before the split) is frozen and shared; only the bottleneck trains (``train_tail`` also
 fine-tunes the stages and heads after it, batch-norm statistics kept).
 """
@@ -98,6 +99,7 @@ class BottleneckOptions:
     val_limit: int | None = 2000
     train_tail: bool = False
     kl_weight: float = 1.0
+    kl_from: float = 0.5  # share of the steps that are MSE only (cheap: no tail backward) before KL joins
     seed: int = 0
     threads: int = 2
     progress: bool = True
@@ -205,6 +207,9 @@ def train_bottleneck(model: MultiExitNet, dataset: str,
     started, step = time.perf_counter(), 0
     student.eval()
     student.bottleneck.train()  # only the new layers update batch-norm statistics
+    for m in (teacher, student):
+        m.to(memory_format=torch.channels_last)  # oneDNN's convolutions are ~3x faster in NHWC on CPU
+    kl_step = round(opts.kl_from * total)
     while step < total:
         order = rng.permutation(len(x_train))
         for b in range(steps_per_epoch):
@@ -212,7 +217,8 @@ def train_bottleneck(model: MultiExitNet, dataset: str,
                 break
             idx = order[b * opts.batch_size:(b + 1) * opts.batch_size]
             xb = x_train[idx] if size is None else datasets.resize(x_train[idx], size)
-            loss = _distill_loss(teacher, student, torch.from_numpy(xb), opts)
+            xb = torch.from_numpy(xb).contiguous(memory_format=torch.channels_last)
+            loss = _distill_loss(teacher, student, xb, opts.kl_weight if step >= kl_step else 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -223,6 +229,8 @@ def train_bottleneck(model: MultiExitNet, dataset: str,
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     seconds = time.perf_counter() - started
+    for m in (teacher, student):
+        m.to(memory_format=torch.contiguous_format)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -242,19 +250,18 @@ def train_bottleneck(model: MultiExitNet, dataset: str,
     return student, report
 
 
-def _distill_loss(teacher: MultiExitNet, student: BottleneckNet, x: torch.Tensor,
-                  opts: BottleneckOptions) -> torch.Tensor:
-    s = opts.split
+def _distill_loss(teacher: MultiExitNet, student: BottleneckNet, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
     with torch.no_grad():  # the frozen prefix is shared by teacher and student: run it once
         h, _ = student.prefix(x)
-        teacher_tail = [F.log_softmax(t, dim=1) for t in student_tail_of(teacher, h, s)]
     decoded = student.bottleneck(h)
     mse = F.mse_loss(decoded, h) / h.pow(2).mean().clamp_min(1e-8)
-    if opts.kl_weight == 0:
+    if kl_weight == 0:
         return mse
+    with torch.no_grad():
+        teacher_tail = [F.log_softmax(t, dim=1) for t in student_tail_of(teacher, h, student.split)]
     kl = sum(F.kl_div(F.log_softmax(o, dim=1), t, log_target=True, reduction="batchmean")
              for o, t in zip(student.tail(decoded), teacher_tail, strict=True))
-    return mse + opts.kl_weight * kl / len(teacher_tail)
+    return mse + kl_weight * kl / len(teacher_tail)
 
 
 def student_tail_of(model: MultiExitNet, h: torch.Tensor, split: int) -> list[torch.Tensor]:

@@ -135,7 +135,7 @@ def main() -> None:
                      " / ".join(f"{100 * r.exit_rate:.0f}%" for r in ev.rows),
                      "-" if oracle is None else f"{oracle['relative_flops']:.3f}",
                      f"{tf['relative_time']:.3f}", _ci(tf, "time_over_flops"), _ci(tf, "floor_time_over_flops"),
-                     f"{tf['share_time_over_flops']:.3f}"])
+                     f"{tf['share_time_over_flops']:.3f}", f"{tf['refill_time_over_flops']:.3f}"])
         curves.append(Curve(kind, [s["relative_flops"] for s in sweep], [100 * s["accuracy"] for s in sweep]))
         points.append((f"{kind} (calibrated)", ev.relative_flops, 100 * ev.accuracy))
 
@@ -150,7 +150,8 @@ def main() -> None:
                             "exit rates",
                             "best FLOPs at <=0.5 pp on test (shared-threshold oracle, uncalibrated)",
                             f"relative time @{args.timing_batch}", f"time/FLOPs @{args.timing_batch} [95% CI]",
-                            "floor: network alone at the batch sizes reached", "share: time vs FLOPs share"], rows)
+                            "floor: network alone at the batch sizes reached", "share: time vs FLOPs share",
+                            "time/FLOPs with refill (full-batch stages, offline)"], rows)
     print(header)
     print(table)
     ok = [(k, r) for k, r in results.items() if r["accuracy_drop_pp"] <= MAX_DROP_PP]
@@ -164,6 +165,7 @@ def main() -> None:
                         "early_exit_time_over_flops_ci95": [round(v, 4) for v in tf["time_over_flops_ci95"]],
                         "floor_time_over_flops": round(tf["floor_time_over_flops"], 4),
                         "share_time_over_flops": round(tf["share_time_over_flops"], 4),
+                        "refill_time_over_flops": round(tf["refill_time_over_flops"], 4),
                         "timing_batch": args.timing_batch, "timing_repeats": args.timing_repeats,
                         f"relative_time_at_{args.timing_batch}": round(tf["relative_time"], 4)})
     RESULTS.mkdir(parents=True, exist_ok=True)

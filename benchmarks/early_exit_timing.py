@@ -11,11 +11,13 @@ Per repeat, interleaved (A B C D, A B C D, ...), on the same images at the same 
              on the values): what early exit costs if its own work were free
   D  share   every stage at the full batch, each stage's time weighted by the fraction of rows reaching it:
              what early exit would cost if a row cost the same at any batch size
+  E  refill  ``run_early_exit(refill=True)``: continuing rows wait for the next batches' rows, so every stage
+             runs at the full batch (offline evaluation; a device answering a batch now cannot do this)
 Ratios are medians over repeats, with a 95% paired bootstrap interval (repeats resampled together).
 ``time_over_flops`` = (B / A) / relative FLOPs; ``floor_time_over_flops`` = (C / A) / relative FLOPs, the
 part no exit-policy or regrouping work can remove; ``share_time_over_flops`` = (D / A) / relative FLOPs, the
 part due to segments whose time share differs from their FLOPs share (small early convolutions cost more
-per FLOP than the deep ones).
+per FLOP than the deep ones); ``refill_time_over_flops`` = (E / A) / relative FLOPs.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def time_side_by_side(runner: Any, policy: ExitPolicy, x: np.ndarray, batch_size
             total += (time.perf_counter() - t0) * sum(reach[s]) / len(x)
         return total
 
-    a, b, c, d = [], [], [], []
+    a, b, c, d, e = [], [], [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         collect_logits(runner, x, batch_size)
@@ -82,13 +84,15 @@ def time_side_by_side(runner: Any, policy: ExitPolicy, x: np.ndarray, batch_size
         b.append(run_early_exit(runner, policy, x, batch_size).seconds)
         c.append(floor_pass())
         d.append(share_pass())
-    a, b, c, d = (np.asarray(v) for v in (a, b, c, d))
+        e.append(run_early_exit(runner, policy, x, batch_size, refill=True).seconds)
+    a, b, c, d, e = (np.asarray(v) for v in (a, b, c, d, e))
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"batch_size": batch_size, "repeats": repeats, "relative_flops": rel_flops,
                            "full_seconds": float(np.median(a)), "early_exit_seconds": float(np.median(b)),
                            "rows_reaching_stage": [sum(r) / len(x) for r in reach],
                            "stages": [[st.start, st.stop] for st in stages]}
-    for key, v in (("time_over_flops", b), ("floor_time_over_flops", c), ("share_time_over_flops", d)):
+    for key, v in (("time_over_flops", b), ("floor_time_over_flops", c), ("share_time_over_flops", d),
+                   ("refill_time_over_flops", e)):
         out[key] = float(np.median(v) / np.median(a) / rel_flops)
         out[f"{key}_ci95"] = _paired_ci(v, a, rel_flops, rng)
     out["relative_time"] = float(np.median(b) / np.median(a))

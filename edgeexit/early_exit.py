@@ -77,64 +77,131 @@ def run_stage(runner: SegmentRunner, st: Stage, x: np.ndarray) -> SegmentOutput:
     return runner.run_segment(st.start, x) if st.stop - st.start == 1 else runner.run(x, st.start, st.stop)
 
 
-def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[Stage], flops: list[int], x: np.ndarray,
-               out: EarlyExitResult, first_row: int) -> None:
-    """Decide exit by exit; rows that leave are written to ``out`` and dropped from the continuing batch.
+@dataclass
+class _Rows:
+    """Rows on their way through the stages: their global indices, the next stage's input, the exits seen
+    (kept only for policies that read history)."""
 
-    Per exit this does the policy's score on the continuing rows and nothing else when nobody leaves; when
-    some leave, one ``compress`` of the boundary (and of the history, only for policies that read it)."""
+    rows: np.ndarray  # int64[B]
+    x: np.ndarray  # [B, ...] the next stage's input
+    history: list[np.ndarray]
+
+
+def _run_stage_rows(runner: SegmentRunner, policy: ExitPolicy, st: Stage, flops: list[int], p: _Rows,
+                    out: EarlyExitResult) -> _Rows | None:
+    """Run one stage on ``p``, decide its exits in order, write the rows that leave to ``out``; the rows that
+    go on (None: nobody). Per exit: the policy's score on the current rows, and nothing else when nobody
+    leaves; when some leave, one ``compress`` of the boundary (and of the history, only if the policy reads
+    it)."""
     final = len(flops) - 1
     keep_history = policy.uses_history
-    active: np.ndarray | None = None  # global row indices still in the batch; None: all rows of x, in order
-    cur, n = x, len(x)
-    history: list[np.ndarray] = []
-    for st in stages:
-        seg_out = run_stage(runner, st, cur)
-        boundary = seg_out.boundary
-        for j in st.exits:
-            logits = seg_out.exits[j]
-            check_logits(logits, j, n)  # only the new exit: earlier ones were checked when they came
-            if keep_history:
-                history.append(logits)
-            if j == final:
-                s = final_answer(logits)
+    rows, history = p.rows, p.history
+    seg_out = run_stage(runner, st, p.x)
+    boundary = seg_out.boundary
+    for j in st.exits:
+        logits = seg_out.exits[j]
+        check_logits(logits, j, len(rows))  # only the new exit: earlier ones were checked when they came
+        if keep_history:
+            history = [*history, logits]
+        if j == final:
+            s = final_answer(logits)
+            mask = None
+        else:
+            s = policy.score(history if keep_history else [logits])
+            mask = policy.passes(s.score, j)
+            if not mask.any():
+                continue  # nobody leaves: no copies at all
+            if mask.all():
                 mask = None
-            else:
-                s = policy.score(history if keep_history else [logits])
-                mask = policy.passes(s.score, j)
-                if not mask.any():
-                    continue  # nobody leaves: no copies at all
-                if mask.all():
-                    mask = None
-            if mask is None:  # everybody left
-                rows = active if active is not None else slice(first_row, first_row + n)
-                out.labels[rows] = s.labels
-                out.exit_index[rows] = j
-                out.probs[rows] = s.probs
-                out.segment_flops[rows] = flops[j]
-                return
-            gone = np.flatnonzero(mask)
-            dst = active[gone] if active is not None else gone + first_row
-            out.labels[dst] = s.labels[gone]
-            out.exit_index[dst] = j
-            out.probs[dst] = s.probs[gone]
-            out.segment_flops[dst] = flops[j]
-            # Regroup: the per-row arrays of the continuing batch drop the rows that left.
-            stay = ~mask
-            active = active.compress(stay) if active is not None else np.flatnonzero(stay) + first_row
-            if keep_history:
-                history = [h.compress(stay, axis=0) for h in history]
-            seg_out.exits = {i: v.compress(stay, axis=0) for i, v in seg_out.exits.items() if i > j}
-            if boundary is not None:
-                boundary = boundary.compress(stay, axis=0)
-            n = len(active)
-        cur = boundary
+        if mask is None:  # everybody left
+            out.labels[rows] = s.labels
+            out.exit_index[rows] = j
+            out.probs[rows] = s.probs
+            out.segment_flops[rows] = flops[j]
+            return None
+        gone = np.flatnonzero(mask)
+        dst = rows[gone]
+        out.labels[dst] = s.labels[gone]
+        out.exit_index[dst] = j
+        out.probs[dst] = s.probs[gone]
+        out.segment_flops[dst] = flops[j]
+        # Regroup: the per-row arrays of the continuing batch drop the rows that left.
+        stay = ~mask
+        rows = rows.compress(stay)
+        if keep_history:
+            history = [h.compress(stay, axis=0) for h in history]
+        seg_out.exits = {i: v.compress(stay, axis=0) for i, v in seg_out.exits.items() if i > j}
+        if boundary is not None:
+            boundary = boundary.compress(stay, axis=0)
+    return _Rows(rows, boundary, history)
+
+
+def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[Stage], flops: list[int], p: _Rows,
+               out: EarlyExitResult) -> None:
+    for st in stages:
+        p = _run_stage_rows(runner, policy, st, flops, p, out)
+        if p is None:
+            return
+
+
+class _Refill:
+    """Stage queues for ``refill``: the rows that go on wait at their next stage until ``batch_size`` of them
+    are there, so every stage runs at the full batch (a conv net costs more per row at a small batch), except
+    the last call of each stage at the end. A row's answer does not depend on which rows share its batch."""
+
+    def __init__(self, runner: SegmentRunner, policy: ExitPolicy, stages: list[Stage], flops: list[int],
+                 out: EarlyExitResult, batch_size: int):
+        self.args = runner, policy, flops
+        self.stages, self.out, self.batch_size = stages, out, batch_size
+        self.queues: list[list[_Rows]] = [[] for _ in stages]
+
+    def _pending(self, s: int) -> int:
+        return sum(len(q.rows) for q in self.queues[s])
+
+    def _take(self, s: int, n: int) -> _Rows:
+        q, parts, got = self.queues[s], [], 0
+        while got < n:
+            head = q[0]
+            k = min(n - got, len(head.rows))
+            if k == len(head.rows):
+                parts.append(q.pop(0))
+            else:  # split the chunk: its first k rows now, the rest stay queued
+                parts.append(_Rows(head.rows[:k], head.x[:k], [h[:k] for h in head.history]))
+                q[0] = _Rows(head.rows[k:], head.x[k:], [h[k:] for h in head.history])
+            got += k
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(np.concatenate([p.rows for p in parts]), np.concatenate([p.x for p in parts]),
+                     [np.concatenate(hs) for hs in zip(*(p.history for p in parts), strict=True)])
+
+    def _run(self, s: int, p: _Rows) -> None:
+        runner, policy, flops = self.args
+        p.x = np.ascontiguousarray(p.x)
+        nxt = _run_stage_rows(runner, policy, self.stages[s], flops, p, self.out)
+        if nxt is not None:
+            self.queues[s + 1].append(nxt)
+
+    def push(self, p: _Rows) -> None:
+        self.queues[0].append(p)
+        for s in range(len(self.stages)):
+            while self._pending(s) >= self.batch_size:
+                self._run(s, self._take(s, self.batch_size))
+
+    def flush(self) -> None:
+        for s in range(len(self.stages)):
+            while self.queues[s]:
+                self._run(s, self._take(s, min(self.batch_size, self._pending(s))))
 
 
 def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, batch_size: int = 256,
-                   normalized: bool = False, progress: Callable[[int], None] | None = None) -> EarlyExitResult:
+                   normalized: bool = False, progress: Callable[[int], None] | None = None,
+                   refill: bool = False) -> EarlyExitResult:
     """Classify ``x`` with early exits. ``x`` is raw (as ``edgeexit.datasets.load`` returns it) unless
-    ``normalized``; ``progress(n)`` is called after each batch with the number of rows done."""
+    ``normalized``; ``progress(n)`` is called after each batch with the number of rows done.
+
+    ``refill``: the rows that go on after an exit wait for the next batches' rows, so every stage runs at
+    ``batch_size`` (offline evaluation of a whole set; same answers, rows answered later). Without it each
+    batch goes through the stages alone and shrinks at every exit, as on a device."""
     n_exits = len(runner.manifest.exits)
     if policy.num_exits != n_exits:
         raise ConfigError(f"policy has thresholds for {policy.num_exits} exits, bundle has {n_exits}; "
@@ -144,13 +211,20 @@ def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, bat
     out = EarlyExitResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros((n, c), np.float32),
                           np.zeros(n, np.int64))
     stages, flops = exit_stages(runner.manifest), executed_flops(runner.manifest)
+    queues = _Refill(runner, policy, stages, flops, out, batch_size) if refill else None
     t0 = time.perf_counter()
     for s in _batches(n, batch_size):
         xb = x[s:s + batch_size]
         xb = xb if normalized else runner.normalize(xb)
-        _run_batch(runner, policy, stages, flops, np.ascontiguousarray(xb, dtype=np.float32), out, s)
+        p = _Rows(np.arange(s, s + len(xb)), np.ascontiguousarray(xb, dtype=np.float32), [])
+        if queues is not None:
+            queues.push(p)
+        else:
+            _run_batch(runner, policy, stages, flops, p, out)
         if progress:
             progress(len(xb))
+    if queues is not None:
+        queues.flush()
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -58,9 +58,9 @@ def test_fast_path_equals_the_per_row_loop(setup, kind, which):
     pol = make_policy(kind, thresholds(kind, which, logits, k), k=k)
     flops = executed_flops(runner.manifest)
     labels, exits, probs, seg_flops = reference(pol, logits, flops)
-    for batch_size in (1, 7, 32, 90):
-        got = run_early_exit(runner, pol, x, batch_size=batch_size)
-        np.testing.assert_array_equal(got.exit_index, exits, err_msg=f"{kind} {which} batch {batch_size}")
+    for batch_size, refill in ((1, False), (7, False), (32, False), (90, False), (7, True), (32, True)):
+        got = run_early_exit(runner, pol, x, batch_size=batch_size, refill=refill)
+        np.testing.assert_array_equal(got.exit_index, exits, err_msg=f"{kind} {which} batch {batch_size} {refill}")
         np.testing.assert_array_equal(got.labels, labels)
         np.testing.assert_array_equal(got.probs, probs)
         np.testing.assert_array_equal(got.segment_flops, seg_flops)
@@ -71,6 +71,42 @@ def test_fast_path_equals_the_per_row_loop(setup, kind, which):
         assert counts[0] == len(x)
     elif kind != "patience":
         assert counts[0] > 0 and counts[-1] > 0, counts
+
+
+class CountingRunner:
+    """The real runner, recording the rows of every call per segment range."""
+
+    def __init__(self, runner):
+        self.inner, self.manifest, self.num_segments = runner, runner.manifest, runner.num_segments
+        self.calls: dict[int, list[int]] = {}
+
+    def normalize(self, x):
+        return self.inner.normalize(x)
+
+    def run_segment(self, k, x):
+        self.calls.setdefault(k, []).append(len(x))
+        return self.inner.run_segment(k, x)
+
+    def run(self, x, start, stop):
+        self.calls.setdefault(start, []).append(len(x))
+        return self.inner.run(x, start, stop)
+
+
+@pytest.mark.parametrize("kind", ["entropy", "patience"])
+def test_refill_runs_every_stage_at_the_full_batch(setup, kind):
+    runner, x, logits = setup
+    pol = make_policy(kind, thresholds(kind, "median", logits, 2), k=2)
+    plain, filled = CountingRunner(runner), CountingRunner(runner)
+    a = run_early_exit(plain, pol, x, batch_size=16)
+    b = run_early_exit(filled, pol, x, batch_size=16, refill=True)
+    np.testing.assert_array_equal(a.exit_index, b.exit_index)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    for k, sizes in filled.calls.items():
+        assert all(n == 16 for n in sizes[:-1]) and 0 < sizes[-1] <= 16, (k, sizes)  # only the flush is short
+        assert sum(sizes) == sum(plain.calls[k]), k  # the same rows reach the stage
+        assert len(sizes) <= len(plain.calls[k])
+    if kind == "entropy":  # about half leave at each early exit: fewer, fuller calls
+        assert any(len(filled.calls[k]) < len(plain.calls[k]) for k in filled.calls), (plain.calls, filled.calls)
 
 
 def test_only_history_policies_keep_history():

@@ -143,7 +143,8 @@ def test_agent_micro_batched_requests_each_get_their_single_request_answer(agent
 
     shape = input_shape(agent_bundle)
     xs = [np.random.default_rng(i).random((1 + i % 2, *shape), dtype=np.float32) for i in range(16)]
-    agent = Agent(agent_bundle, AgentOptions(DeviceOptions(split="device"), listen="127.0.0.1:0", workers=16)).start()
+    opts = AgentOptions(DeviceOptions(split="device"), listen="127.0.0.1:0", workers=16, micro_batch_rows=32)
+    agent = Agent(agent_bundle, opts).start()
     sizes: list[int] = []
     infer = agent.runtime.infer
 

@@ -77,9 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, default=256,
                    help="most rows one app request may carry; larger ones are refused before any compute "
                         "(default 256, as serve)")
-    p.add_argument("--micro-batch-rows", type=int, default=32,
+    p.add_argument("--micro-batch-rows", type=int, default=1,
                    help="with --split device: app requests that arrive together run as one batch of at most this "
-                        "many rows, each app getting its own rows (default 32; 1 runs every request on its own)")
+                        "many rows, each app getting its own rows (default 1: every request on its own; worth it "
+                        "with more --workers, at more memory)")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest app message, and largest decoded (decompressed) input tensor, in MiB (default 64)")
     p.add_argument("--metrics-port", type=int, default=None,

@@ -170,12 +170,13 @@ class OrtSession:
         # The hot path. On CPU alone, call the C++ session directly: InferenceSession.run re-checks the feed
         # names (the runner feeds exactly the names it checked on open) and wraps the call for a GPU
         # provider's fallback to CPU, which a CPU-only session never takes. GPU sessions keep that wrapper.
+        # ``run_fn(output_names, feeds, run_options)``: what ``run`` calls, for callers that skip even that frame.
         raw = getattr(self._sess, "_sess", None)
         cpu_only = self.providers == [CPU]
-        self._run = raw.run if cpu_only and raw is not None and hasattr(raw, "run") else self._sess.run
+        self.run_fn = raw.run if cpu_only and raw is not None and hasattr(raw, "run") else self._sess.run
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._run(self.output_names, feeds, None)
+        return self.run_fn(self.output_names, feeds, None)
 
 
 def open_session(path: Path, backend: str = "onnxruntime", threads: int = 1, fmt: str | None = None,

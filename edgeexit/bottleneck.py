@@ -99,7 +99,7 @@ class BottleneckOptions:
     val_limit: int | None = 2000
     train_tail: bool = False
     kl_weight: float = 1.0
-    kl_from: float = 0.5  # share of the steps that are MSE only (cheap: no tail backward) before KL joins
+    kl_from: float = 0.3  # share of the steps that are MSE only (cheap: no tail backward) before KL joins
     seed: int = 0
     threads: int = 2
     progress: bool = True
@@ -141,8 +141,8 @@ def check_options(model: nn.Module, opts: BottleneckOptions) -> None:
         raise ConfigError(f"--channels must be a positive number of channels, got {opts.channels}")
     if opts.stride not in (1, 2):
         raise ConfigError(f"--stride must be 1 or 2, got {opts.stride}")
-    if opts.epochs <= 0 or opts.batch_size < 2 or opts.lr <= 0:
-        raise ConfigError("need --epochs > 0, --batch-size >= 2 (batch norm) and --lr > 0")
+    if opts.epochs <= 0 or opts.batch_size < 2 or opts.lr <= 0 or not 0.0 <= opts.kl_from <= 1.0:
+        raise ConfigError("need --epochs > 0, --batch-size >= 2 (batch norm), --lr > 0 and --kl-from in [0, 1]")
 
 
 def insert_bottleneck(model: MultiExitNet, opts: BottleneckOptions, input_shape: tuple[int, ...]) -> BottleneckNet:

@@ -160,6 +160,7 @@ def test_the_schema_checks_the_bottleneck_field(bn_bundle):
     (["--split", "1", "--channels", "0"], "--channels must be a positive number"),
     (["--split", "1", "--channels", "-3"], "--channels must be a positive number"),
     (["--split", "1", "--channels", "4", "--arch", "branchynet"], "does not fit --arch branchynet"),
+    (["--split", "1", "--channels", "4", "--kl-from", "1.5"], "--kl-from in [0, 1]"),
 ])
 def test_bad_options_are_clear_errors_with_exit_code_2(trained_resnet_pt2, tmp_path, capsys, args, message):
     rc = main(["bottleneck", str(trained_resnet_pt2), *args, "--out", str(tmp_path / "x.pt2"), *CLI_TRAIN])

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-limit", type=int, default=2000, help="val samples for the accuracy table")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
+    p.add_argument("--kl-from", type=float, default=0.3,
+                   help="share of the steps trained on MSE alone (cheap) before KL to the exits joins")
     p.add_argument("--train-tail", action="store_true", help="also fine-tune the stages and exits after the split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_multi_exit(args.model, args.arch, datasets.num_classes(args.data), x.shape[1])
     opts = BottleneckOptions(
         split=args.split, channels=args.channels, stride=args.stride, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, limit=args.limit, val_limit=args.val_limit, train_tail=args.train_tail, seed=args.seed,
+        lr=args.lr, limit=args.limit, val_limit=args.val_limit, train_tail=args.train_tail, kl_from=args.kl_from,
+        seed=args.seed,
         threads=args.threads, progress=not args.quiet, out=args.out)
     check_options(model, opts)  # before any training data is loaded
     _, report = train_bottleneck(model, args.data, opts)

@@ -164,7 +164,11 @@ def test_every_policy_runs_on_the_vit_logits_batched_as_offline(vit_bundle, kind
 
 @pytest.mark.slow
 def test_litert_round_trip_every_exit_vs_torch(vit, tmp_path):
-    """LiteRT conversion of attention, LayerNorm and GELU (litert-torch): every exit vs torch, batch 1 and 5."""
+    """LiteRT conversion of attention, LayerNorm and GELU (litert-torch): every exit vs torch, batch 1 and 5.
+
+    litert-torch 0.10 keeps no symbolic batch for [B, T, D] token tensors (a Linear on 3-D lowers to
+    view(-1, D), LayerNorm and select fail with a symbolic batch), so these segments are batch-1 models and the
+    runtime runs a batch row by row; the answers must still match torch at batch 5."""
     bundle = make_bundle(tmp_path, vit, name="vit_tfl", split_points="exits", formats=("onnx", "tflite"))
     entry = Bundle.load(bundle).manifest.segments[0].files["tflite"]
     runner = SegmentRunner(bundle, backend="litert")
@@ -174,4 +178,4 @@ def test_litert_round_trip_every_exit_vs_torch(vit, tmp_path):
         for g, r in zip(got, ref, strict=True):
             assert g.shape == r.shape == (batch, 10)
             assert np.abs(g - r).max() <= 1e-4
-    assert entry.batch == "dynamic" or entry.extra.get("resizable")
+    assert entry.batch == "dynamic" or entry.batch == "fixed:1"  # fixed:1 today (see above): rows are looped

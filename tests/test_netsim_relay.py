@@ -63,6 +63,24 @@ def test_down_bandwidth_is_shaped_separately(source_server):
     assert 17 <= mbit <= 23, f"{mbit:.2f} Mbit/s through a 20 Mbit/s downlink"
 
 
+def test_a_message_after_an_idle_spell_takes_the_links_time(echo_server):
+    """Idle time is no credit (burst 0): 256 KiB sent on an open connection after 1 s of silence crosses a
+    4 Mbit/s uplink in >= its serialisation time. (The shaper once credited a full first read with the idle
+    spell, carrying 64 KiB for free.)"""
+    nbytes, rate = 256 * 1024, 4e6 / 8
+    with Relay(echo_server, LinkConditions(up_mbit=4)) as relay, \
+            socket.create_connection(relay.address, timeout=10) as sock:
+        ping(sock)
+        time.sleep(1.0)
+        start = time.monotonic()
+        threading.Thread(target=sock.sendall, args=(b"\1" * nbytes,), daemon=True).start()
+        got = 0
+        while got < nbytes:
+            got += len(sock.recv(65536))
+        took = time.monotonic() - start
+    assert took >= 0.95 * nbytes / rate, f"{nbytes} B in {took:.3f} s through a {rate * 8 / 1e6:.0f} Mbit/s uplink"
+
+
 def test_50ms_one_way_delay_adds_100ms_rtt(echo_server):
     with Relay(echo_server) as plain, Relay(echo_server, LinkConditions(delay_ms=50)) as delayed:
         a, b = socket.create_connection(plain.address), socket.create_connection(delayed.address)

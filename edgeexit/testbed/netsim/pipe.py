@@ -23,6 +23,7 @@ from edgeexit.testbed.netsim.shaping import TokenBucket, piece_size
 TICK = 0.025  # longest sleep before conditions are looked at again
 LOOKAHEAD = 0.030  # how far ahead of real time the shaper may schedule the bottleneck
 READ_SIZE = 64 * 1024
+BUFFERED_S = 0.0005  # a read shorter than this returned buffered bytes without waiting for the socket
 MAX_QUEUED = 8 * 1024 * 1024  # bytes "in propagation" per direction (bounds memory on unlimited, delayed links)
 
 EOF = b""
@@ -79,11 +80,14 @@ class Pipe:
         last_available = time.monotonic()  # not 0: the link did not exist before the connection
         while True:
             await self._has_space.wait()
+            asked = time.monotonic()
             data = await self._reader.read(READ_SIZE)
             available = time.monotonic()
-            if len(data) == READ_SIZE:
-                # A full read means the sender was backlogged while we were late (a busy CPU): a real link would
-                # not have idled meanwhile, so the bytes count as available once the link was free again.
+            if len(data) == READ_SIZE and available - asked < BUFFERED_S:
+                # A full read that did not wait returned bytes already buffered while we were late (a busy CPU): a
+                # real link would not have idled meanwhile, so they count as available once the link was free
+                # again. A read that waited got bytes that arrived just now (a large message after an idle
+                # spell): crediting them with the idle time would carry them faster than the link's rate.
                 available = min(available, max(bucket.free_at, last_available))
             last_available = available
             if not data:

@@ -178,3 +178,21 @@ def test_a_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_load_multi_exit_finds_the_architecture(trained_resnet_pt2):
     model = load_multi_exit(trained_resnet_pt2, None, 10, 1)
     assert len(model.stages) == 3
+
+
+def test_the_planner_sees_the_bottleneck_bytes_and_chooses_it(bn_bundle):
+    from edgeexit.planner import ExitSetting, Planner
+    from edgeexit.profiles import LatencyProfile, NetworkProfile
+
+    m = Bundle.load(bn_bundle).manifest
+    n = len(m.segments)  # 5: input, stage 0, stage 1 + encoder (split 2 = the code), decoder + stage 2, final head
+
+    def profile(ms: list[float]) -> LatencyProfile:
+        return LatencyProfile("onnxruntime", 1, {1: ms})
+
+    # a slow device for the deep segments, a fast cloud, a 1 Mbit/s uplink: the 128-byte int8 code at split 2
+    # beats the 784-byte uint8 input (cloud-only, cascades) and every other split's boundary
+    planner = Planner(m, profile([1.0, 1.0, 1.0, 30.0, 30.0][:n]), profile([0.1] * n),
+                      settings=[ExitSetting("none", (), (0.0,) * (len(m.exits) - 1))])
+    choice = planner.plan(NetworkProfile("slow", 1.0, 10.0, 20.0)).choice
+    assert (choice.strategy, choice.split, choice.encoding) == ("split", SPLIT, "int8")

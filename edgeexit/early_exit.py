@@ -2,7 +2,13 @@
 
 Regrouping: rows that exit at exit ``j`` leave the batch, and only the continuing rows go through the next
 segment (DeeBERT/PABEE research code breaks at batch > 1; this does not). Several exits may live in one
-segment: they are decided in order, rows leaving after each.
+segment: they are decided in order, rows leaving after each. The segments between two exits run as one
+*stage* (one runner call, merged when the runner merges ranges). The loop's own work is small next to the
+network's (profiled on resnet-exits, batch 100: ~5-8% of the early-exit time): per exit one policy score on the
+current rows, nothing more when nobody leaves, one ``compress`` of the boundary when some do, the history only
+for policies that read it. What remains of (relative time) / (relative FLOPs) above 1 is the network's: early
+convolutions cost more time per FLOP than deep ones, and a conv costs more per row at the smaller batches that
+reach deep stages (``refill`` removes the latter offline; benchmarks/early_exit_timing.py measures both).
 
 ``ExitTrace`` is the offline twin: the logits of every exit are computed once (``collect_logits``), each
 policy's per-exit scores once, and then any threshold vector is applied with a few vectorised comparisons.

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "final exit by default), print per-exit validation accuracy, save a torch.export archive.")
     p.add_argument("--arch", default="resnet-exits",
                    help="branchynet | resnet-exits | densenet-exits | camera-resnet | vit-exits (ViT-style: "
-                        "4 exits on the class token; recipe: --epochs 4 --lr 2e-3)")
+                        "4 exits on the class token; recipe: --epochs 6 --lr 2e-3)")
     p.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist | mnist-5k | digits | path.npz; NAME-N resizes to NxN (e.g. fashion-mnist-96)")
     p.add_argument("--epochs", type=float, default=4.0, help="epochs over the train split (fractions allowed)")

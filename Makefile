@@ -93,6 +93,10 @@ bench: $(SETUP) $(MODEL) $(CAMERA_READY)
 	$(PY) -m edgeexit bench --bundle $(CAMERA)
 	$(PY) benchmarks/split_overhead.py --model $(MODEL)
 	$(PY) benchmarks/early_exit.py --model $(MODEL)
+	$(PY) benchmarks/offload.py
+	$(PY) benchmarks/agent_overhead.py --bundle $(CAMERA)
+	$(PY) benchmarks/transformer.py
+	$(PY) benchmarks/bottleneck.py --bundle $(CAMERA)
 	$(PY) benchmarks/tflite.py --model $(MODEL)
 	$(PY) benchmarks/wire.py --model $(MODEL)
 	$(PY) benchmarks/cloud.py --bundle $(CAMERA)

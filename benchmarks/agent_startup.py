@@ -23,7 +23,7 @@ import numpy as np
 from edgeexit.testbed.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = ROOT / "artifacts" / "resnet_exits.edgeexit"
+DEFAULT_BUNDLE = ROOT / "artifacts" / "camera_resnet.edgeexit"  # made by `make demo`
 
 
 def _torchless_env(tmp: Path) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Learned bottlenecks at split points (SC2's three metrics): encoder size, bytes on the wire, accuracy.
 
     .venv/bin/python benchmarks/bottleneck.py [--quick] [--configs S:C:STRIDE,...] [--samples N]
-        [--train-limit N] [--epochs E] [--model artifacts/camera_resnet.pt2 --bundle artifacts/camera_resnet.edgeexit]
+        [--train-limit N] [--epochs E] [--model edgeexit/reference/camera_resnet.pt2 --bundle artifacts/camera_resnet.edgeexit]
 
 On the camera model (camera-resnet, fashion-mnist-96: Fashion-MNIST upscaled to 96x96, not camera data), for each
 (S, C, stride): `edgeexit bottleneck` trains a bottleneck at split S (distillation from the frozen model; cached
@@ -120,7 +120,7 @@ def drop_ci(ref: np.ndarray, got: np.ndarray, seed: int, boots: int = 2000) -> t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "artifacts" / "camera_resnet.pt2")
+    ap.add_argument("--model", type=Path, default=ROOT / "edgeexit" / "reference" / "camera_resnet.pt2")
     ap.add_argument("--bundle", type=Path, default=ROOT / "artifacts" / "camera_resnet.edgeexit")
     ap.add_argument("--configs", default="2:8:2,2:16:2,3:8:1", help="S:C:STRIDE,... (split, channels, stride)")
     ap.add_argument("--samples", type=int, default=2000, help="test images")

@@ -1,7 +1,8 @@
 """Learned bottlenecks at split points (SC2's three metrics): encoder size, bytes on the wire, accuracy.
 
     .venv/bin/python benchmarks/bottleneck.py [--quick] [--configs S:C:STRIDE,...] [--samples N]
-        [--train-limit N] [--epochs E] [--model edgeexit/reference/camera_resnet.pt2 --bundle artifacts/camera_resnet.edgeexit]
+        [--train-limit N] [--epochs E]
+        [--model edgeexit/reference/camera_resnet.pt2 --bundle artifacts/camera_resnet.edgeexit]
 
 On the camera model (camera-resnet, fashion-mnist-96: Fashion-MNIST upscaled to 96x96, not camera data), for each
 (S, C, stride): `edgeexit bottleneck` trains a bottleneck at split S (distillation from the frozen model; cached

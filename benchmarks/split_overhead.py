@@ -1,7 +1,8 @@
 """Split overhead: a bundle's segments through SegmentRunner vs the monolithic ONNX of the same model.
 
 Two reference models: resnet-exits (seeded random weights, exported here; the ratio does not depend on training)
-and the camera model (``edgeexit/reference/camera_resnet.pt2``, its bundle ``artifacts/camera_resnet.edgeexit``). Per model,
+and the camera model (``edgeexit/reference/camera_resnet.pt2``, its bundle ``artifacts/camera_resnet.edgeexit``).
+Per model,
 four variants run in onnxruntime with 1 thread, interleaved (a shuffled order each round) so machine noise hits
 all alike; each timed call follows an untimed one of the same variant, so caches hold that variant's weights (the
 segment variants share sessions: back to back, the second would otherwise find them warm and mono cold):

@@ -149,7 +149,9 @@ class DeviceRuntime:
                  client: CloudClient | None = None, clock: Any = time.monotonic,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None):
         self.options = o = options or DeviceOptions()  # the options checked themselves when made
-        self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads, fmt=o.fmt)
+        # merge=False: the exit loop decides between segments, so merged ranges would serve only boundary probes,
+        # at the price of importing onnx and holding weights twice (the agent's RSS and cold start).
+        self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads, fmt=o.fmt, merge=False)
         self.manifest = self.runner.manifest
         has_cloud = client is not None or o.cloud is not None
         adaptive = o.split == "auto" and has_cloud and o.adapt != "off"

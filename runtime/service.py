@@ -174,4 +174,5 @@ def build_handlers(bundle: Bundle | str | Path, options: ServiceOptions | None =
                            providers=options.providers)
     for k in range(runner.num_segments):
         runner.session(k)  # open every session now: no first-request stall, no racing lazy opens
+        runner.prepare(k)  # and each tail's merged session (one onnxruntime call per request: runtime/merge.py)
     return [TailHandler(runner, start, options, metrics) for start in range(runner.num_segments)]

@@ -119,6 +119,9 @@ def test_bad_rates_and_namespaces_are_config_errors():
 CTRL_C = textwrap.dedent("""
     import os, signal, time
     from edgeexit.testbed.netsim.namespaces import NetnsLink
+    # A parent that ignores SIGINT (a background job of a non-interactive shell) passes that on, and Python then
+    # installs no KeyboardInterrupt handler: restore it, as a terminal's Ctrl-C would find it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with NetnsLink(up_mbit=5) as link:
         print(link.dev_ns, link.cloud_ns, link.dev_if, link.cloud_if, flush=True)
         os.kill(os.getpid(), signal.SIGINT)

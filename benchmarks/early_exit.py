@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,34 +46,38 @@ RESULTS = ROOT / "benchmarks" / "results"
 MAX_DROP_PP = 0.5
 
 
-def ensure_model(path: Path | None, epochs: float) -> Path:
-    """The given model, the cached one, or a freshly trained one (cached for next time)."""
+def ensure_model(path: Path | None, arch: str = "resnet-exits", default: Path = DEFAULT_MODEL,
+                 cached: tuple[Path, ...] = (), **recipe: Any) -> Path:
+    """The given model, a cached one (``cached``, then ``default``), or ``arch`` freshly trained with ``recipe``
+    (TrainOptions fields) and cached at ``default`` for next time."""
     if path is not None:
         if not path.is_file():
             sys.exit(f"--model {path} does not exist")
         return path
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL
+    for found in (*cached, default):
+        if found.is_file():
+            return found
     from edgeexit.models import build
     from edgeexit.training import TrainOptions, train
 
-    print(f"no cached model: training resnet-exits for {epochs} epochs -> {DEFAULT_MODEL}", file=sys.stderr)
-    tmp = DEFAULT_MODEL.with_name("resnet_exits.training.pt2")
-    train(build("resnet-exits"), "fashion-mnist", options=TrainOptions(epochs=epochs, seed=0, out=tmp))
-    Path(f"{tmp}.state_dict.pt").replace(f"{DEFAULT_MODEL}.state_dict.pt")
-    tmp.replace(DEFAULT_MODEL)  # only a finished model is ever cached
-    return DEFAULT_MODEL
+    print(f"no cached model: training {arch} {recipe} -> {default}", file=sys.stderr)
+    tmp = default.with_name(f"{default.stem}.training.pt2")
+    train(build(arch), "fashion-mnist", options=TrainOptions(**recipe, progress=False, out=tmp))
+    Path(f"{tmp}.state_dict.pt").replace(f"{default}.state_dict.pt")
+    tmp.replace(default)  # only a finished model is ever cached
+    return default
 
 
-def ensure_bundle(model: Path) -> Path:
-    """Export once per model file (re-export when the model is newer than the cached bundle)."""
+def ensure_bundle(model: Path, work: Path = WORK, split_points: str = "auto") -> Path:
+    """Export once per model file (re-export when the model is newer than the cached bundle; int8 boundary
+    scales calibrated on Fashion-MNIST)."""
     from edgeexit.exporters import ExportOptions, export_model
 
-    out = WORK / f"{model.stem}.edgeexit"
+    out = work / f"{model.stem}.edgeexit"
     manifest = out / "manifest.json"
     if manifest.is_file() and manifest.stat().st_mtime >= model.stat().st_mtime:
         return out
-    opts = ExportOptions(calibration_data="fashion-mnist", force=True, progress=False)
+    opts = ExportOptions(split_points=split_points, calibration_data="fashion-mnist", force=True, progress=False)
     export_model(model, out, options=opts)
     return out
 
@@ -98,7 +103,7 @@ def main() -> None:
     if args.quick:
         args.limit, args.repeats, args.timing_repeats = args.limit or 2000, 1, 3
 
-    bundle = Bundle.load(ensure_bundle(ensure_model(args.model, args.epochs)))
+    bundle = Bundle.load(ensure_bundle(ensure_model(args.model, epochs=args.epochs, seed=0)))
     manifest = bundle.manifest
     from edgeexit.early_exit import collect_logits
     from edgeexit.runtime.runner import SegmentRunner

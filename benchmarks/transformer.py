@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.early_exit import ensure_bundle, ensure_model  # noqa: E402
 from edgeexit import datasets  # noqa: E402
 from edgeexit.bundle import Bundle  # noqa: E402
 from edgeexit.calibration import CalibrationOptions, calibrate  # noqa: E402
@@ -40,38 +41,6 @@ MAX_DROP_PP = 0.5
 # The committed model's recipe (= `edgeexit train --arch vit-exits --epochs 6 --lr 2e-3`): AdamW, one-cycle,
 # self-distillation from the final exit, no augmentation.
 RECIPE = {"epochs": 6.0, "lr": 2e-3, "seed": 0}
-
-
-def ensure_model(path: Path | None) -> Path:
-    if path is not None:
-        if not path.is_file():
-            sys.exit(f"--model {path} does not exist")
-        return path
-    for cached in (REFERENCE, DEFAULT_MODEL):
-        if cached.is_file():
-            return cached
-    from edgeexit.models import build
-    from edgeexit.training import TrainOptions, train
-
-    print(f"no cached model: training vit-exits {RECIPE} -> {DEFAULT_MODEL}", file=sys.stderr)
-    tmp = DEFAULT_MODEL.with_name("vit_exits.training.pt2")
-    train(build("vit-exits"), "fashion-mnist", options=TrainOptions(**RECIPE, progress=False, out=tmp))
-    Path(f"{tmp}.state_dict.pt").replace(f"{DEFAULT_MODEL}.state_dict.pt")
-    tmp.replace(DEFAULT_MODEL)  # only a finished model is ever cached
-    return DEFAULT_MODEL
-
-
-def ensure_bundle(model: Path) -> Path:
-    """Export once per model file (split at the exits; int8 boundary scales calibrated on Fashion-MNIST)."""
-    from edgeexit.exporters import ExportOptions, export_model
-
-    out = WORK / f"{model.stem}.edgeexit"
-    manifest = out / "manifest.json"
-    if manifest.is_file() and manifest.stat().st_mtime >= model.stat().st_mtime:
-        return out
-    opts = ExportOptions(split_points="exits", calibration_data="fashion-mnist", force=True, progress=False)
-    export_model(model, out, options=opts)
-    return out
 
 
 def int8_boundary_effect(runner, x: np.ndarray, y: np.ndarray, batch_size: int) -> list[dict]:
@@ -109,7 +78,8 @@ def main() -> None:
     limit = 1000 if args.quick else None
     repeats = 1 if args.quick else args.repeats
 
-    bundle = Bundle.load(ensure_bundle(ensure_model(args.model)))
+    model = ensure_model(args.model, "vit-exits", DEFAULT_MODEL, (REFERENCE,), **RECIPE)
+    bundle = Bundle.load(ensure_bundle(model, WORK, split_points="exits"))
     manifest = bundle.manifest
     from edgeexit.early_exit import collect_logits
     from edgeexit.runtime.runner import SegmentRunner
@@ -165,7 +135,7 @@ def main() -> None:
                "quick": bool(limit)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "transformer.json", {
-        "model": bundle.name, "model_path": str(ensure_model(args.model)), "n_test": len(y_test),
+        "model": bundle.name, "model_path": str(model), "n_test": len(y_test),
         "n_val": len(y_val), "final_accuracy": final_acc, "per_exit_accuracy": per_exit,
         "epsilon": args.epsilon, "delta": args.delta, "full_seconds": full[1], "policies": results,
         "int8_boundary": int8, "summary": summary})

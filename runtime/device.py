@@ -149,8 +149,7 @@ class DeviceRuntime:
                  client: CloudClient | None = None, clock: Any = time.monotonic,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None):
         self.options = o = options or DeviceOptions()  # the options checked themselves when made
-        # merge=False: the exit loop decides between segments, so merged ranges would serve only boundary probes,
-        # at the price of importing onnx and holding weights twice (the agent's RSS and cold start).
+        # merge=False: the exit loop decides between segments; merging would cost RSS and start-up for probes only.
         self.runner = SegmentRunner(bundle, backend=o.backend, threads=o.threads, fmt=o.fmt, merge=False)
         self.manifest = self.runner.manifest
         has_cloud = client is not None or o.cloud is not None

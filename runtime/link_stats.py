@@ -119,8 +119,12 @@ def _fit(samples: list[tuple[float, float]], rtts: list[float]) -> tuple[float |
         rtt = probe_rtt if probe_rtt is not None else max(float(np.median(t - slope * b)), 0.0)
         return 8.0 / slope, rtt
     rtt = probe_rtt if probe_rtt is not None else 0.0
-    payload = t - rtt
-    ok = (payload > 0) & (b > 0)
+    # An offload cannot take less than the RTT, so a sample at or below it says the probed RTT is stale (timed
+    # while the process was busy, or the path got shorter) and the bytes crossed fast: its transfer time is
+    # floored at a tenth of the sample rather than dropped (dropping every sample left no estimate at all, and an
+    # agent that had moved to the device for a slow link never saw the link recover).
+    payload = np.maximum(t - rtt, t / 10)
+    ok = b > 0
     if not ok.any():
         return None, rtt
     return float(np.median(8.0 * b[ok] / payload[ok])), rtt

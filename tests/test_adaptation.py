@@ -120,6 +120,23 @@ def test_link_change_shows_within_a_few_samples_even_after_a_long_stable_phase()
     assert samples_until(50.0, lambda bw: bw > 25e6) <= 4 and link.shifts == 2
 
 
+def test_a_stale_rtt_above_the_samples_still_shows_a_recovered_link():
+    # Seen in the planner scenario: the warm-up timed the RTT at 8 ms while the agent was busy loading; after the
+    # link fell to 1 Mbit/s and recovered, probes of one size took 6.5 ms, below that RTT. They must read as a
+    # fast link, not leave the agent with no estimate (stuck on the device).
+    link = LinkStats()
+    nbytes = 3136
+    link.record_rtt(0.008)
+    for _ in range(10):
+        link.record(nbytes, 0.0065 + nbytes * 8 / 1e6)
+    assert link.estimate().bandwidth_bps < 1.5e6
+    for _ in range(3):
+        link.record(nbytes, 0.0065)
+    est = link.estimate()
+    assert link.shifts == 1 and est.bandwidth_bps is not None and est.bandwidth_bps > 25e6
+    assert est.transfer_s(nbytes) < 0.0065 * 1.5  # the planner's prediction stays near what was measured
+
+
 def _cloud_result(rows: int, bytes_sent: int, cloud_ms: float | None):
     return SimpleNamespace(decided=["cloud"] * rows, bytes_sent=bytes_sent,
                            latency=SimpleNamespace(cloud_ms=cloud_ms))

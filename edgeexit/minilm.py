@@ -153,7 +153,11 @@ def from_pretrained(num_classes: int, model_dir: Path | None = None, seed: int =
     torch.manual_seed(seed)
     model = MiniLMExits(num_classes)
     src = load_file(str(weights_path(model_dir)))
-    state = _convert(src)
+    try:
+        state = _convert(src)
+    except KeyError as e:
+        raise ConfigError(f"the weights file does not fit MiniLM-L6: it has no {e}; {weights_path(model_dir)} is "
+                          "not all-MiniLM-L6-v2's model.safetensors") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Only the heads may be missing (they are ours); any other gap is a wrong or truncated weights file.
     if unexpected or any(not k.startswith("heads.") for k in missing):

@@ -5,7 +5,12 @@ Layout and naming (everything downstream relies on it):
   plus ``exit{j}`` for every exit head ``j`` that branches inside it;
 - split point ``s`` is the boundary after segment ``s`` (``0 <= s < len(segments) - 1``): a device running
   split ``s`` runs segments ``0..s`` and the cloud runs the tail ``s+1..`` (model name ``<model>@<s>``);
-- shapes use the string ``"batch"`` for the dynamic batch axis.
+- shapes use the string ``"batch"`` for the dynamic batch axis; a model with other dynamic axes (a sequence
+  length) names them too, and ``Manifest.dims`` gives each its example and largest size;
+- a model with several inputs (``forward(input_ids, attention_mask)``) lists the first as ``input`` and the rest
+  as ``extra_inputs``. Extra inputs are *carried*: a segment that reads one takes it by its own name after its
+  primary input (``input`` or ``boundary{k-1}``), so a split point's tensor set is the boundary plus the extra
+  inputs the tail reads (``Manifest.carried``); they travel as they are.
 
 Loading trusts nothing in the bundle: ``edgeexit.manifest_schema`` checks every field of the manifest, and
 no file is opened unless its path stays inside the bundle (symlinks followed) and is a regular file.
@@ -42,12 +47,14 @@ class TensorSpec:
     shape: list[int | str]
     dtype: str = "float32"
 
-    def sample_elements(self) -> int:
-        """Elements per sample (every axis but the batch axis)."""
+    def sample_elements(self, dims: dict[str, dict[str, int]] | None = None, size: str = "example") -> int:
+        """Elements per sample (every axis but the batch axis); another named axis counts at its ``size``
+        ("example" or "max") in ``dims`` (``Manifest.dims``)."""
         n = 1
         for d in self.shape:
-            if d != BATCH:
-                n *= int(d)
+            if d == BATCH:
+                continue
+            n *= int(dims[d][size]) if isinstance(d, str) and dims else int(d)
         return n
 
 
@@ -108,16 +115,32 @@ class Manifest:
     policy: dict[str, Any] | None = None  # written by `edgeexit calibrate`
     profiles: dict[str, Any] = field(default_factory=dict)  # written by `edgeexit profile`
     export: dict[str, Any] = field(default_factory=dict)  # provenance: source, opset, versions, tolerance
+    extra_inputs: list[TensorSpec] = field(default_factory=list)  # the model's inputs after ``input``
+    # named dynamic axes besides the batch -> {"example": size the byte counts use, "max": largest allowed}
+    dims: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return self.exits[-1].num_classes
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """Every model input, in forward() order."""
+        return [self.input, *self.extra_inputs]
+
+    def carried(self, split: int) -> list[str]:
+        """Extra inputs the tail after ``split`` reads (-1: the whole model): they cross with the boundary."""
+        read = {t.name for s in self.segments[split + 1:] for t in s.inputs[1:]}
+        return [t.name for t in self.extra_inputs if t.name in read]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for p in d["split_points"]:  # bundles without a bottleneck keep their manifest.json as before
             if p.get("bottleneck") is None:
                 p.pop("bottleneck", None)
+        for key in ("extra_inputs", "dims"):  # single-input bundles too
+            if not d[key]:
+                d.pop(key)
         return d
 
     @classmethod
@@ -157,6 +180,8 @@ class Manifest:
             return cls(
                 name=d["name"], input=inp, segments=segments, split_points=splits, exits=exits,
                 policy=d.get("policy"), profiles=d.get("profiles", {}), export=d.get("export", {}),
+                extra_inputs=[TensorSpec(**t) for t in d.get("extra_inputs", [])],
+                dims={k: dict(v) for k, v in d.get("dims", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # unreachable after the schema check
             raise BundleError(f"manifest.json is malformed ({e!r}); re-export the bundle") from e
@@ -181,6 +206,10 @@ class Manifest:
                           "exits": list(s.exits)} for s in self.segments],
             "split_points": [{"tensor": tensor(p.tensor), "quantization": p.quantization} for p in self.split_points],
         }
+        if self.extra_inputs:  # absent for single-input, fixed-shape models: their digests stay as they were
+            identity["extra_inputs"] = [tensor(t) for t in self.extra_inputs]
+        if self.dims:
+            identity["dims"] = self.dims
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

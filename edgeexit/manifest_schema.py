@@ -36,6 +36,7 @@ MAX_SAMPLE_ELEMENTS = 2**31  # elements of one sample of one tensor: far above a
 MAX_RANK = 8
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FIXED_BATCH = re.compile(r"^fixed:[1-9][0-9]{0,8}$")
+_AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # a named dynamic axis, e.g. "seq" (Manifest.dims)
 _REEXPORT = "re-export the bundle"
 _RECALIBRATE = "re-run `edgeexit calibrate BUNDLE`"
 _REPROFILE = "re-run `edgeexit profile BUNDLE`"
@@ -142,14 +143,15 @@ def _str(v: Any, where: str, todo: str = _REEXPORT, max_len: int = 256) -> str:
 
 
 def check_shape(shape: Any, where: str) -> None:
-    """A list of positive ints, or ``"batch"`` as its first axis; its per-sample size bounded."""
+    """A list of positive ints, ``"batch"`` as its first axis or a named axis (``dims``) after it; its
+    per-sample size (fixed axes) bounded."""
     dims = _list(shape, where, min_len=1, max_len=MAX_RANK)
     elements = 1
     for i, d in enumerate(dims):
-        if d == BATCH and i == 0:
+        if (d == BATCH and i == 0) or (i > 0 and isinstance(d, str) and d != BATCH and _AXIS_NAME.match(d)):
             continue
         if not _is_int(d) or not 1 <= d <= MAX_DIM:
-            allowed = "a positive integer" + (" or 'batch'" if i == 0 else "")
+            allowed = "a positive integer" + (" or 'batch'" if i == 0 else " or an axis name of dims")
             raise fail(f"{where}[{i}]", f"must be {allowed}, not {_show(d)}")
         elements *= d
     if elements > MAX_SAMPLE_ELEMENTS:
@@ -316,6 +318,18 @@ def check_manifest_dict(d: dict[str, Any]) -> None:
                 _num(x, f"input.normalization.{key}[{i}]", positive=key == "std")
             if len(values) != channels:
                 raise fail(f"input.normalization.{key}", f"has {len(values)} values for {channels} channels")
+    for i, t in enumerate(_list(d.get("extra_inputs", []), "extra_inputs", max_len=64)):
+        check_tensor(t, f"extra_inputs[{i}]")
+    dims = d.get("dims", {})
+    if not isinstance(dims, dict) or len(dims) > MAX_RANK * 8:
+        raise fail("dims", "must be an object mapping an axis name -> {example, max}")
+    for name, v in dims.items():
+        where = f"dims[{_show(name, 30)}]"
+        if not isinstance(name, str) or not _AXIS_NAME.match(name) or name == BATCH:
+            raise fail(where, "is not an axis name (letters, digits, '_'; not 'batch')")
+        _obj(v, where, {"example", "max"}, {"example", "max"})
+        _int(v["max"], f"{where}.max", lo=1, hi=MAX_DIM)
+        _int(v["example"], f"{where}.example", lo=1, hi=v["max"])
     for i, s in enumerate(_list(d.get("segments"), "segments", min_len=1, max_len=1_000)):
         _check_segment(s, f"segments[{i}]")
     for i, p in enumerate(_list(d.get("split_points"), "split_points", max_len=1_000)):
@@ -335,16 +349,36 @@ def _same_tensor(a: Any, b: Any) -> bool:
     return a.name == b.name and list(a.shape) == list(b.shape) and a.dtype == b.dtype
 
 
+def _check_axes(m: Manifest) -> None:
+    """Every named axis in a shape is one of ``dims``."""
+    specs = [("input", m.input), *((f"extra_inputs[{i}]", t) for i, t in enumerate(m.extra_inputs))]
+    specs += [(f"segments[{s.index}].{part}", t) for s in m.segments for part in ("inputs", "outputs")
+              for t in getattr(s, part)]
+    specs += [(f"split_points[{p.index}].tensor", p.tensor) for p in m.split_points]
+    for where, t in specs:
+        for d in t.shape[1:]:
+            if isinstance(d, str) and d not in m.dims:
+                raise fail(f"{where}.shape", f"names the axis {_show(d, 30)}, which dims does not list")
+
+
 def check_consistency(m: Manifest) -> None:
     """The parts of a (type-correct) manifest agree with each other and with the layout in ``edgeexit.bundle``."""
     if not m.segments or not m.exits:
         raise fail("", "lists no segments or no exits")
     n = len(m.segments)
     seen: dict[str, str] = {}
+    extras = {t.name: t for t in m.extra_inputs}
+    if len(extras) != len(m.extra_inputs) or m.input.name in extras:
+        raise fail("extra_inputs", "repeat a name (of input or of each other)")
+    _check_axes(m)
     for k, seg in enumerate(m.segments):
         want_in = m.input.name if k == 0 else f"boundary{k - 1}"
-        if seg.index != k or [t.name for t in seg.inputs] != [want_in]:
-            raise fail(f"segments[{k}]", f"must read only {want_in!r}, as segment {k}")
+        carried = seg.inputs[1:]
+        order = [t.name for t in m.extra_inputs if t.name in {c.name for c in carried}]
+        if seg.index != k or seg.inputs[0].name != want_in or [c.name for c in carried] != order or \
+                any(not _same_tensor(c, extras[c.name]) for c in carried):
+            raise fail(f"segments[{k}]", f"must read {want_in!r} (then extra inputs as listed in extra_inputs), "
+                       f"as segment {k}")
         want_out = ([f"boundary{k}"] if k < n - 1 else []) + [f"exit{j}" for j in seg.exits]
         if [t.name for t in seg.outputs] != want_out:
             raise fail(f"segments[{k}].outputs", f"are {_show([t.name for t in seg.outputs])}, expected {want_out}")

@@ -15,6 +15,7 @@ import torch
 
 from edgeexit.bundle import (
     BATCH,
+    DTYPE_BYTES,
     Bundle,
     ExitInfo,
     InputSpec,
@@ -83,8 +84,12 @@ def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions 
     for w in traced.warnings:
         log.warn(w)
     cut = _cut(traced, opts.split_points, log)
-    raw = calib.load_calibration(opts.calibration_data, traced.input_shape, opts.calibration_samples)
-    real = normalize(raw, opts.normalize) if raw is not None else None
+    if traced.multi:
+        _check_multi(traced, opts, log)
+        real = calib.load_calibration_inputs(opts.calibration_data, traced, opts.calibration_samples)
+    else:
+        raw = calib.load_calibration(opts.calibration_data, traced.input_shape, opts.calibration_samples)
+        real = (normalize(raw, opts.normalize),) if raw is not None else None
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -93,7 +98,7 @@ def export_model(model_or_path: Any, out: str | Path, *, options: ExportOptions 
         manifest = _write_segments(cut, tmp, opts, real, log)
         manifest.name = opts.name or out.name.removesuffix(".edgeexit")
         write_manifest(tmp, manifest)
-        cases = validation_inputs(traced.input_shape, real, traced.dynamic_batch, opts.seed)
+        cases = validation_inputs(traced, real, opts.seed)
         log(f"validating every exit in onnxruntime against torch: {[label for label, _ in cases]}")
         worst = validate_bundle(tmp, traced.module, cases, opts.atol, opts.rtol)
         manifest.export["max_abs_error"] = worst
@@ -120,64 +125,118 @@ def _cut(traced: Traced, mode: str, log: Progress) -> _Cut:
     return _Cut(traced, analysis, segments, mode, plan.bottlenecks)
 
 
-def _spec(name: str, node_or_tensor: Any) -> TensorSpec:
+def _check_multi(traced: Traced, opts: ExportOptions, log: Progress) -> None:
+    if opts.normalize:
+        raise ConfigError("--normalize applies to one image input; a multi-input model normalises inside forward()")
+    if "tflite" in opts.formats:
+        log.warn("TFLite export of models with several inputs or named dynamic axes is not supported yet: "
+                 "writing ONNX only")
+
+
+def _axis_names(traced: Traced) -> dict[str, str]:
+    """str(SymInt) -> axis name ("batch", "seq"...) for a multi-input model ({} for the classic one-input case)."""
+    names: dict[str, str] = {}
+    for node, inp in zip(_placeholders(traced.module), traced.inputs, strict=False):
+        for d, axis in zip(node.meta["val"].shape, inp.axes, strict=True):
+            if isinstance(axis, str):
+                names[str(d)] = axis
+    return names
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _spec(name: str, node_or_tensor: Any, axes: dict[str, str] | None = None) -> TensorSpec:
+    """A tensor's manifest spec: batch first, named axes by ``axes`` (multi-input models), sizes elsewhere."""
     val = node_or_tensor.meta["val"] if hasattr(node_or_tensor, "meta") else node_or_tensor
-    return TensorSpec(name, [BATCH, *[int(d) for d in val.shape[1:]]], str(val.dtype).removeprefix("torch."))
+    dtype = str(val.dtype).removeprefix("torch.")
+    if not axes:
+        return TensorSpec(name, [BATCH, *[int(d) for d in val.shape[1:]]], dtype)
+    shape = [d if isinstance(d, int) else axes[str(d)] for d in val.shape]
+    return TensorSpec(name, shape, dtype)
 
 
-def _segment_inputs(segments: list[GraphSegment], x: torch.Tensor) -> list[torch.Tensor]:
-    """The input each segment sees when the chain runs on ``x``."""
+def _segment_inputs(segments: list[GraphSegment], xs: tuple[torch.Tensor, ...], names: list[str]
+                    ) -> list[tuple[torch.Tensor, ...]]:
+    """The inputs each segment sees when the chain runs on the model inputs ``xs`` (named ``names``)."""
+    named = dict(zip(names, xs, strict=True))
     ins = []
+    x = xs[0]
     with torch.no_grad():
         for seg in segments:
-            ins.append(x)
-            outs = seg.module(x)
-            x = outs[0]
+            feed = (x, *(named[c] for c in seg.carried))
+            ins.append(feed)
+            x = seg.module(*feed)[0]
     return ins
 
 
-def _write_segments(cut: _Cut, root: Path, opts: ExportOptions, real: np.ndarray | None, log: Progress) -> Manifest:
+def _write_segments(cut: _Cut, root: Path, opts: ExportOptions, real: tuple[np.ndarray, ...] | None,
+                    log: Progress) -> Manifest:
     traced, an, segments = cut.traced, cut.analysis, cut.segments
     batch = 2 if traced.dynamic_batch else traced.input_shape[0]
-    sample = torch.rand((batch, *traced.input_shape[1:]), generator=torch.Generator().manual_seed(opts.seed))
-    samples = _segment_inputs(segments, sample)
-    seg_real = _segment_inputs(segments, torch.from_numpy(real)) if real is not None else None
+    if traced.multi:
+        sample: tuple[torch.Tensor, ...] = traced.example
+        names = [i.name for i in traced.inputs]
+    else:
+        sample = (torch.rand((batch, *traced.input_shape[1:]), generator=torch.Generator().manual_seed(opts.seed)),)
+        names = ["input"]
+    axes = _axis_names(traced) if traced.multi else {}
+    samples = _segment_inputs(segments, sample, names)
+    seg_real = _segment_inputs(segments, tuple(torch.from_numpy(r) for r in real), names) if real else None
     batch_kind = "dynamic" if traced.dynamic_batch else f"fixed:{batch}"
+    # specs from the traced graph's symbols, before any ONNX export re-traces (and re-annotates) a segment
+    in_specs = [[_spec(name, n, axes) for name, n in zip(seg.input_names, _placeholders(seg.module), strict=True)]
+                if traced.multi else [_spec(seg.input_name, samples[seg.index][0])] for seg in segments]
+    out_specs = [[_spec(name, n, axes) for name, n in zip(seg.output_names, seg.module.graph.output_node().args[0],
+                                                          strict=True)] for seg in segments]
     manifest_segments = []
     for seg in segments:
         log(f"segment {seg.index}/{len(segments) - 1}: ONNX (opset {opts.opset})")
         rel = f"segments/seg{seg.index}.onnx"
-        export_onnx_segment(seg, samples[seg.index], root / rel, opts.opset, traced.dynamic_batch)
+        export_onnx_segment(seg, samples[seg.index], root / rel, opts.opset, traced.dynamic_batch,
+                            [t.shape for t in in_specs[seg.index]] if traced.multi else None, traced.dims)
         files = {"onnx": file_entry(root, rel, batch=batch_kind)}
-        if "tflite" in opts.formats:
+        if "tflite" in opts.formats and not traced.multi:
             log(f"segment {seg.index}: TFLite {['fp32', *opts.quantize]}")
-            files.update(_tflite(seg, samples[seg.index], root, opts, seg_real[seg.index] if seg_real else None))
-        produced = seg.module.graph.output_node().args[0]
-        outputs = [_spec(name, n) for name, n in zip(seg.output_names, produced, strict=True)]
+            files.update(_tflite(seg, samples[seg.index][0], root, opts,
+                                 seg_real[seg.index][0] if seg_real else None))
         manifest_segments.append(Segment(
-            index=seg.index, files=files, inputs=[_spec(seg.input_name, samples[seg.index])], outputs=outputs,
+            index=seg.index, files=files, inputs=in_specs[seg.index], outputs=out_specs[seg.index],
             exits=seg.exits, flops=segment_flops(seg.nodes), param_bytes=segment_param_bytes(seg.module),
         ))
-    split_points = _split_points(cut, manifest_segments, seg_real)
     exits = _exits(an, segments)
-    inp = InputSpec("input", [BATCH, *traced.input_shape[1:]], "float32", opts.normalize)
+    if traced.multi:
+        first, *extra = [TensorSpec(i.name, list(i.axes), i.dtype) for i in traced.inputs]
+        inp = InputSpec(first.name, first.shape, first.dtype, None)
+    else:
+        inp, extra = InputSpec("input", [BATCH, *traced.input_shape[1:]], "float32", opts.normalize), []
+    manifest = Manifest("model", inp, manifest_segments, [], exits, extra_inputs=extra, dims=dict(traced.dims))
+    manifest.split_points = _split_points(cut, manifest, real, names)
     export_info = {
         "source": traced.kind, "opset": opts.opset, "torch": torch.__version__, "split_points": cut.mode,
-        "atol": opts.atol, "rtol": opts.rtol, "formats": list(opts.formats), "quantize": list(opts.quantize),
+        "atol": opts.atol, "rtol": opts.rtol, "formats": ["onnx"] if traced.multi else list(opts.formats),
+        "quantize": list(opts.quantize),
         "calibration": _describe(opts.calibration_data), "batch": batch_kind,
     }
-    return Manifest("model", inp, manifest_segments, split_points, exits, export=export_info)
+    manifest.export = export_info
+    return manifest
 
 
-def _split_points(cut: _Cut, segs: list[Segment], seg_real: list[torch.Tensor] | None) -> list[SplitPoint]:
-    ranges = calib.boundary_ranges([s.module for s in cut.segments], seg_real[0].numpy()) if seg_real else None
+def _split_points(cut: _Cut, m: Manifest, real: tuple[np.ndarray, ...] | None, names: list[str]
+                  ) -> list[SplitPoint]:
+    """One split point after each segment but the last: its boundary, bytes per encoding (at the named axes'
+    example sizes, plus the extra inputs carried with it, as they are) and int8 parameters from real data."""
+    ranges = calib.boundary_ranges(cut.segments, real, names) if real else None
     points = []
-    for k, seg in enumerate(segs[:-1]):
+    for k, seg in enumerate(m.segments[:-1]):
         spec = seg.outputs[0]
-        elements = spec.sample_elements()
+        elements = spec.sample_elements(m.dims)
+        extras = {t.name: t for t in m.extra_inputs}
+        carried = sum(extras[c].sample_elements(m.dims) * DTYPE_BYTES[extras[c].dtype] for c in m.carried(k))
         points.append(SplitPoint(
             index=k, tensor=TensorSpec(spec.name, list(spec.shape), spec.dtype),
-            bytes_per_sample={enc: encoded_bytes(elements, enc) for enc in ENCODINGS},
+            bytes_per_sample={enc: encoded_bytes(elements, enc) + carried for enc in ENCODINGS},
             quantization=calib.quant_params(*ranges[k]) if ranges else None,
             bottleneck=_bottleneck_info(cut.traced.module, cut.bottlenecks[k]) if k in cut.bottlenecks else None,
         ))

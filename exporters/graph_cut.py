@@ -6,6 +6,10 @@ Vocabulary:
   crossing a cut: each segment re-reads its parameters and recomputes the batch size from its own input.
 - a cut after backbone node ``v`` is *valid* when every edge from the left side to the right side leaves
   from ``v`` (no open skip connection crosses it). A head node sits on the side of its deepest input.
+- *side* nodes: the model's inputs after the first (``forward(input_ids, attention_mask)``) and every node
+  computed from them alone (an additive mask). They are *carried*: a segment that needs one takes the input as a
+  placeholder of its own and recomputes the side nodes it reads, so they never count as crossing a cut either.
+  Symbolic sizes (a batch or sequence length) are re-read from whichever of the segment's inputs has that axis.
 - a *bottleneck* is a module whose class is named ``SplitBottleneck`` (``edgeexit/bottleneck.py``) with an
   ``encoder`` child: its encoder's output is always a split point, and any other cut that would fall on the
   bottleneck's input or inside it moves there (the point of a bottleneck is to send its small code).
@@ -52,6 +56,11 @@ class GraphSegment:
     output_names: list[str]
     exits: list[int]
     nodes: list[fx.Node] = field(default_factory=list)  # original nodes computed here (for FLOPs/params)
+    carried: list[str] = field(default_factory=list)  # side inputs it reads, after input_name, in model order
+
+    @property
+    def input_names(self) -> list[str]:
+        return [self.input_name, *self.carried]
 
 
 def _is_tensor_node(n: fx.Node) -> bool:
@@ -67,8 +76,15 @@ def _is_free(n: fx.Node) -> bool:
     return n.op == "call_function" and not _is_tensor_node(n)
 
 
-def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes if not _is_free(a)]
+def _side_nodes(nodes: list[fx.Node], side_inputs: list[fx.Node]) -> set[fx.Node]:
+    """The side inputs and every tensor node computed from side inputs (and free nodes) only."""
+    side = set(side_inputs)
+    for n in nodes:
+        if n.op == "call_function" and not _is_free(n):
+            ins = [a for a in n.all_input_nodes if not _is_free(a)]
+            if ins and all(a in side for a in ins):
+                side.add(n)
+    return side
 
 
 class GraphAnalysis:
@@ -78,13 +94,15 @@ class GraphAnalysis:
         self.gm = gm
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise ExportError(f"the model must take exactly one input tensor, it takes {len(placeholders)}")
+        if not placeholders:
+            raise ExportError("the model takes no input tensor")
         self.input = placeholders[0]
+        self.side_inputs = placeholders[1:]
+        self.side = _side_nodes(nodes, self.side_inputs)
         out = next(n for n in nodes if n.op == "output")
         flat = out.args[0]
         self.exit_nodes: list[fx.Node] = list(flat) if isinstance(flat, (tuple, list)) else [flat]
-        self.compute = [n for n in nodes if n.op == "call_function" and not _is_free(n)]
+        self.compute = [n for n in nodes if n.op == "call_function" and not _is_free(n) and n not in self.side]
         self.order = {n: i for i, n in enumerate(nodes)}
         final = self.exit_nodes[-1]
         self.backbone = self._ancestors(final) | {final}
@@ -93,11 +111,15 @@ class GraphAnalysis:
         self.position = {n: i for i, n in enumerate(self.backbone_list)}
         self.position[self.input] = -1
 
+    def tensor_inputs(self, n: fx.Node) -> list[fx.Node]:
+        """The tensors ``n`` reads that can cross a cut (not free, not side)."""
+        return [a for a in n.all_input_nodes if not _is_free(a) and a not in self.side]
+
     def _ancestors(self, node: fx.Node) -> set[fx.Node]:
         seen: set[fx.Node] = set()
         stack = [node]
         while stack:
-            for a in _tensor_inputs(stack.pop()):
+            for a in self.tensor_inputs(stack.pop()):
                 if a not in seen:
                     seen.add(a)
                     stack.append(a)
@@ -108,7 +130,7 @@ class GraphAnalysis:
         if n in self.position:
             return self.position[n]
         if n not in memo:
-            memo[n] = max((self.depth(a, memo) for a in _tensor_inputs(n)), default=-1)
+            memo[n] = max((self.depth(a, memo) for a in self.tensor_inputs(n)), default=-1)
         return memo[n]
 
     def is_valid_cut(self, v: fx.Node) -> bool:
@@ -119,7 +141,7 @@ class GraphAnalysis:
         for w in self.compute:
             if self.depth(w, memo) <= p:
                 continue
-            for u in _tensor_inputs(w):
+            for u in self.tensor_inputs(w):
                 if self.depth(u, memo) <= p and u is not v:
                     return False
         return True
@@ -231,27 +253,50 @@ def build_segments(an: GraphAnalysis, plan: CutPlan) -> list[GraphSegment]:
     segments = []
     for k in range(len(plan.cuts) + 1):
         src = an.input if k == 0 else plan.cuts[k - 1]
-        in_name = "input" if k == 0 else f"boundary{k - 1}"
+        first = an.input.name if an.side_inputs else "input"  # a multi-input model keeps its inputs' names
+        in_name = first if k == 0 else f"boundary{k - 1}"
         outs = ([plan.cuts[k]] if k < len(plan.cuts) else []) + [an.exit_nodes[j] for j in plan.exits_per_segment[k]]
         out_names = ([f"boundary{k}"] if k < len(plan.cuts) else []) + [f"exit{j}" for j in plan.exits_per_segment[k]]
         mine = [n for n in an.compute if seg_of[n] == k]
-        module = _segment_module(an, src, in_name, mine, outs)
-        segments.append(GraphSegment(k, module, in_name, out_names, plan.exits_per_segment[k], mine))
+        carried = _side_inputs_read(an, mine + outs)
+        module = _segment_module(an, [src, *carried], [in_name, *(c.name for c in carried)], mine, outs)
+        segments.append(GraphSegment(k, module, in_name, out_names, plan.exits_per_segment[k], mine,
+                                     [c.name for c in carried]))
     return segments
 
 
-def _segment_module(an: GraphAnalysis, src: fx.Node, in_name: str, mine: list[fx.Node],
+def _side_inputs_read(an: GraphAnalysis, nodes: list[fx.Node]) -> list[fx.Node]:
+    """The side inputs ``nodes`` read, directly or through side nodes, in model order."""
+    found: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes if a in an.side]
+    while stack:
+        a = stack.pop()
+        if a not in found:
+            found.add(a)
+            stack.extend(b for b in a.all_input_nodes if b in an.side)
+    return [p for p in an.side_inputs if p in found]
+
+
+def _segment_module(an: GraphAnalysis, srcs: list[fx.Node], names: list[str], mine: list[fx.Node],
                     outs: list[fx.Node]) -> fx.GraphModule:
     g = fx.Graph()
-    x = g.placeholder(in_name)
-    x.meta = dict(src.meta)
-    env: dict[fx.Node, fx.Node] = {src: x}
-    batch: list[fx.Node] = []
+    env: dict[fx.Node, fx.Node] = {}
+    for src, name in zip(srcs, names, strict=True):
+        env[src] = g.placeholder(name)
+        env[src].meta = dict(src.meta)
+    sizes: dict[str, fx.Node] = {}  # symbolic size (str of its SymInt) -> this segment's node reading it
 
-    def batch_size() -> fx.Node:
-        if not batch:
-            batch.append(g.call_function(torch.ops.aten.sym_size.int, (x, 0)))
-        return batch[0]
+    def size_of(a: fx.Node) -> fx.Node | None:
+        """A symbolic size re-read from one of this segment's inputs that has it as an axis (None: none has)."""
+        key = str(a.meta.get("val"))
+        if key not in sizes:
+            for src in srcs:
+                shape = getattr(src.meta.get("val"), "shape", ())
+                axis = next((i for i, d in enumerate(shape) if not isinstance(d, int) and str(d) == key), None)
+                if axis is not None:
+                    sizes[key] = g.call_function(torch.ops.aten.sym_size.int, (env[src], axis))
+                    break
+        return sizes.get(key)
 
     def lookup(a: fx.Node) -> fx.Node:
         if a in env:
@@ -259,9 +304,12 @@ def _segment_module(an: GraphAnalysis, src: fx.Node, in_name: str, mine: list[fx
         if a.op == "get_attr":
             env[a] = g.node_copy(a, lookup)
         elif a.op == "call_function" and not _is_tensor_node(a):
-            env[a] = _copy_free(a, lookup, batch_size, g)
+            sym = size_of(a) if a.target == torch.ops.aten.sym_size.int else None
+            env[a] = sym if sym is not None else g.node_copy(a, lookup)
+        elif a in an.side and a.op == "call_function":  # recomputed from the side inputs this segment takes
+            env[a] = g.node_copy(a, lookup)
         else:
-            raise ExportError(f"internal: tensor {a.name} crosses into segment {in_name} without being its input")
+            raise ExportError(f"internal: tensor {a.name} crosses into segment {names[0]} without being its input")
         return env[a]
 
     for n in mine:
@@ -271,10 +319,3 @@ def _segment_module(an: GraphAnalysis, src: fx.Node, in_name: str, mine: list[fx
     gm = fx.GraphModule(an.gm, g)
     gm.recompile()
     return gm
-
-
-def _copy_free(a: fx.Node, lookup, batch_size, g: fx.Graph) -> fx.Node:
-    """Copy a symbolic-size node; the batch size is read from this segment's own input."""
-    if a.target == torch.ops.aten.sym_size.int and a.args[1] == 0:
-        return batch_size()
-    return g.node_copy(a, lookup)

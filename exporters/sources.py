@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,29 @@ from edgeexit.exporters.options import ExportOptions
 
 
 @dataclass
+class ModelInput:
+    """One input of a multi-input (or integer-input, or variable-length) model, as the archive declares it."""
+
+    name: str
+    axes: list[int | str]  # "batch" first when dynamic, then sizes or named dynamic axes (dims)
+    dtype: str
+
+
+@dataclass
 class Traced:
-    module: fx.GraphModule  # flat graph: one input tensor -> tuple of exit logits
+    module: fx.GraphModule  # flat graph: input tensor(s) -> tuple of exit logits
     kind: str  # "module" | "pt2" | "torchscript" | "factory" | "pickle"
-    input_shape: tuple[int, ...]  # with the batch axis first
+    input_shape: tuple[int, ...]  # the (first) input's, batch axis first (named axes at their example size)
     dynamic_batch: bool
     warnings: list[str]
+    # Set for a model that is not one float tensor of fixed shape (only from a .pt2, which declares them):
+    inputs: list[ModelInput] = field(default_factory=list)  # every input, forward() order
+    example: tuple[torch.Tensor, ...] = ()  # the archive's example inputs (sample and validation data)
+    dims: dict[str, dict[str, int]] = field(default_factory=dict)  # named axis -> {"example", "max"}
+
+    @property
+    def multi(self) -> bool:
+        return bool(self.inputs)
 
 
 def _summary(e: BaseException) -> str:
@@ -93,9 +111,11 @@ def _from_pt2(path: Path, shape: tuple[int, ...] | None) -> Traced:
         raise ExportError(f"{path} is not a loadable torch.export archive: {_summary(e)}") from e
     user = set(ep.graph_signature.user_inputs)
     inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    if len(inputs) != 1:
-        raise ShapeError(f"{path}: the model must take one input tensor, it takes {len(inputs)}")
+    if not inputs:
+        raise ShapeError(f"{path}: the model takes no input tensor")
     val = inputs[0].meta["val"]
+    if len(inputs) > 1 or val.dtype != torch.float32 or any(not isinstance(d, int) for d in val.shape[1:]):
+        return _from_multi_pt2(path, ep, inputs)
     dynamic = not isinstance(val.shape[0], int)
     real = tuple(int(d) if isinstance(d, int) else 1 for d in val.shape)
     if shape is not None and tuple(shape[1:]) != real[1:]:
@@ -109,6 +129,60 @@ def _from_pt2(path: Path, shape: tuple[int, ...] | None) -> Traced:
     with torch.no_grad():
         check_outputs(gm(sample), real[0])
     return Traced(gm, "pt2", real, dynamic, warnings)
+
+
+def _from_multi_pt2(path: Path, ep: Any, nodes: list[fx.Node]) -> Traced:
+    """A .pt2 with several inputs, an integer input or named dynamic axes (a transformer's input_ids and
+    attention_mask [batch, seq]): shapes, axis names and sizes come from the archive. Axis names are the
+    archive's ``edgeexit.json`` ("axes": {input: [names]}, or "inputs": [{name, shape}]) when it has them, else
+    ``dim1``, ``dim2``..."""
+    example = (getattr(ep, "example_inputs", None) or ((), {}))[0]
+    if len(example) != len(nodes) or not all(isinstance(t, torch.Tensor) for t in example):
+        raise ShapeError(f"{path} keeps no example inputs for its {len(nodes)} inputs; re-save it with "
+                         "torch.export.save from torch >= 2.6")
+    meta = _archive_meta(path)
+    declared = meta.get("axes") or {}  # {input: [axis names]}, or edgeexit's own [{name, shape}] under "inputs"
+    if isinstance(meta.get("inputs"), list):
+        declared = {i.get("name"): i.get("shape") for i in meta["inputs"] if isinstance(i, dict)}
+    declared = {k: v for k, v in declared.items() if isinstance(v, list)} if isinstance(declared, dict) else {}
+    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    names: dict[str, str] = {}
+    dims: dict[str, dict[str, int]] = {}
+    inputs = []
+    for node, ex in zip(nodes, example, strict=True):
+        axes: list[int | str] = []
+        for i, d in enumerate(node.meta["val"].shape):
+            if isinstance(d, int):
+                axes.append(d)
+                continue
+            key = str(d)
+            if key not in names:
+                given = declared.get(node.name, [])
+                names[key] = "batch" if not names and i == 0 else (
+                    given[i] if i < len(given) and isinstance(given[i], str) else f"dim{len(names)}")
+                if names[key] != "batch":
+                    upper = ranges[key].upper if key in ranges else 1 << 20
+                    top = int(upper) if str(upper).lstrip("-").isdigit() else 1 << 20  # int_oo: unbounded
+                    dims[names[key]] = {"example": int(ex.shape[i]), "max": min(top, 2**31 - 1)}
+            axes.append(names[key])
+        inputs.append(ModelInput(node.name, axes, str(ex.dtype).removeprefix("torch.")))
+    dynamic = inputs[0].axes[0] == "batch"
+    gm = ep.module()
+    with torch.no_grad():
+        check_outputs(gm(*example), int(example[0].shape[0]))
+    shape = tuple(int(d) for d in example[0].shape)
+    return Traced(gm, "pt2", shape, dynamic, [], inputs, tuple(example), dims)
+
+
+def _archive_meta(path: Path) -> dict[str, Any]:
+    """The ``edgeexit.json`` a .pt2 carries (edgeexit's own archives), {} without one or when unreadable."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("edgeexit.json")), None)
+            meta = json.loads(z.read(name)) if name else {}
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _from_torchscript(path: Path, shape: tuple[int, ...] | None) -> Traced:

@@ -28,7 +28,10 @@ import numpy as np
 
 from edgeexit.errors import ConfigError, LinkTimeout, Overloaded
 
-RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+# A request's rows: one array, or a tuple of arrays with the same rows (a model's input and the extra inputs it
+# carries, e.g. an attention mask); requests batch together only when every array's non-batch shape agrees.
+Rows = np.ndarray | tuple[np.ndarray, ...]
+RunFn = Callable[[Rows], dict[str, np.ndarray]]
 DropFn = Callable[[str], None]  # called once per request refused or dropped, with the reason ("overloaded", "deadline")
 
 
@@ -65,13 +68,27 @@ class Batched:
 
 @dataclass
 class _Item:
-    x: np.ndarray
+    x: Rows
     future: Future
     deadline: float | None  # time.monotonic() after which nobody waits for the answer
 
 
 def _expired(deadline: float | None, now: float) -> bool:
     return deadline is not None and now >= deadline
+
+
+def _rows(x: Rows) -> int:
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def _shape_key(x: Rows) -> tuple:
+    return tuple(a.shape[1:] for a in x) if isinstance(x, tuple) else x.shape[1:]
+
+
+def _concat(xs: list[Rows]) -> Rows:
+    if isinstance(xs[0], tuple):
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*xs, strict=True))
+    return np.concatenate(xs, axis=0)
 
 
 class DynamicBatcher:
@@ -100,12 +117,12 @@ class DynamicBatcher:
         """Rows admitted and not yet started (with batching off: not yet finished)."""
         return self._waiting
 
-    def submit(self, x: np.ndarray, timeout: float | None = None, deadline: float | None = None) -> Batched:
+    def submit(self, x: Rows, timeout: float | None = None, deadline: float | None = None) -> Batched:
         """Run ``x`` (rows on axis 0) in some batch; return exactly its rows of every output, with timing.
 
         Raises ``Overloaded`` at once when the queue is full, ``LinkTimeout`` when ``deadline`` (monotonic) passes
         before its batch starts."""
-        rows = len(x)
+        rows = _rows(x)
         if not self.options.enabled:
             self._admit(rows)
             try:
@@ -165,7 +182,7 @@ class DynamicBatcher:
 
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
         """Gather a batch starting with ``first``; returns the batch and whether the stop marker was seen."""
-        batch, rows = [first], len(first.x)
+        batch, rows = [first], _rows(first.x)
         deadline = time.monotonic() + self.options.max_delay_ms / 1000.0
         while rows < self.options.max_batch_size:
             try:
@@ -177,11 +194,11 @@ class DynamicBatcher:
             if _expired(item.deadline, time.monotonic()):
                 self._expire([item])  # takes no room in the batch
                 continue
-            if rows + len(item.x) > self.options.max_batch_size or item.x.shape[1:] != first.x.shape[1:]:
+            if rows + _rows(item.x) > self.options.max_batch_size or _shape_key(item.x) != _shape_key(first.x):
                 self._carry = item  # starts the next batch
                 break
             batch.append(item)
-            rows += len(item.x)
+            rows += _rows(item.x)
         return batch, False
 
     def _loop(self) -> None:
@@ -202,7 +219,7 @@ class DynamicBatcher:
 
     def _expire(self, items: list[_Item]) -> None:
         with self._lock:
-            self._waiting -= sum(len(it.x) for it in items)
+            self._waiting -= sum(_rows(it.x) for it in items)
         for it in items:
             self._drop("deadline")
             it.future.set_exception(self._timeout())
@@ -214,12 +231,12 @@ class DynamicBatcher:
         if not batch:
             return
         with self._lock:
-            self._waiting -= sum(len(it.x) for it in batch)
+            self._waiting -= sum(_rows(it.x) for it in batch)
         if self._on_batch:
             self._on_batch(len(batch))
         started = time.perf_counter()
         try:
-            x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
+            x = batch[0].x if len(batch) == 1 else _concat([it.x for it in batch])
             outputs = self._run(x)
             run_s = time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - the callers get the error; the worker keeps running
@@ -228,6 +245,6 @@ class DynamicBatcher:
             return
         start = 0
         for it in batch:
-            stop = start + len(it.x)
+            stop = start + _rows(it.x)
             it.future.set_result(Batched({k: v[start:stop] for k, v in outputs.items()}, started, run_s))
             start = stop

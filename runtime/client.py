@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -128,6 +128,21 @@ def _header_uncached(model: str, input_name: str, datatype: str, shape: list[int
     return req.SerializeToString()
 
 
+def multi_request_bytes(model: str, tensors: Sequence[tuple[str, WireTensor]], request_id: str = "",
+                        bundle: str | None = None) -> bytes:
+    """A serialised ModelInferRequest carrying several tensors (a boundary and the extra model inputs carried
+    with it), each with its encoding parameters on the tensor itself, since they differ (an int8 boundary's
+    scale is not the mask's)."""
+    req = pb.ModelInferRequest(model_name=model, id=request_id)
+    for name, t in tensors:
+        tensor = req.inputs.add(name=name, datatype=t.datatype, shape=list(t.shape))
+        params_to_pb(dict(t.params), tensor.parameters)
+        req.raw_input_contents.append(bytes(t.data))
+    if bundle:
+        params_to_pb({P_BUNDLE: bundle}, req.parameters)
+    return req.SerializeToString()
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
@@ -187,9 +202,13 @@ class InferenceClient:
         self._metadata = bearer_metadata(o.token)
 
     def infer(self, model: str, input_name: str, tensor: WireTensor, *, timeout: float,
-              request_id: str = "") -> Offload:
-        """Send one tensor; return its outputs as float32 with the server's timing. Raises edgeexit errors."""
-        data = request_bytes(model, input_name, tensor, request_id, self.bundle)
+              request_id: str = "", extra: Sequence[tuple[str, WireTensor]] = ()) -> Offload:
+        """Send one tensor (and ``extra`` named ones: the inputs a multi-input model carries); return its outputs
+        as float32 with the server's timing. Raises edgeexit errors."""
+        if extra:
+            data = multi_request_bytes(model, [(input_name, tensor), *extra], request_id, self.bundle)
+        else:
+            data = request_bytes(model, input_name, tensor, request_id, self.bundle)
         try:
             resp = self._infer(data, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:

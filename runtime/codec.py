@@ -1,6 +1,9 @@
 """The one wire codec: boundary tensors as fp32, fp16 or int8 (per-tensor affine), raw pixels as uint8;
 optionally zstd.
 
+A model's other inputs (token ids, an attention mask: ``Manifest.extra_inputs``) travel *as they are*
+(``encode_as_is``/``decode_as_is``: their own dtype, INT64 for token ids, optionally zstd), never quantised.
+
 A tensor travels as Open Inference Protocol ``raw_input_contents`` with datatype FP32/FP16/INT8/UINT8; how to
 read the bytes back is in the request's parameters (keys below), so an unmodified Triton client can still send
 plain FP32. UINT8 is only for the raw input of the whole model: value k means the pixel k/255 (``encode_input``
@@ -164,6 +167,47 @@ def decode(data: bytes | memoryview, datatype: str, shape: list[int],
     if not all_finite(out):
         raise InvalidTensor("tensor contains NaN or inf; check the device side's computation")
     return out
+
+
+# numpy dtype name <-> OIP datatype of a tensor sent as it is
+AS_IS = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "int8": "INT8", "uint8": "UINT8"}
+
+
+def encode_as_is(x: np.ndarray, compress: bool = False) -> WireTensor:
+    """``x`` in its own dtype (a model input such as token ids or a mask); zstd's parameter on the tensor."""
+    x = np.ascontiguousarray(x)
+    if x.dtype.name not in AS_IS:
+        raise InvalidTensor(f"dtype {x.dtype} cannot travel; use one of {sorted(AS_IS)}")
+    params: dict[str, str | float | int] = {}
+    raw = _maybe_compress(x.tobytes(), compress, 3, params)
+    return WireTensor(raw, AS_IS[x.dtype.name], list(x.shape), params)
+
+
+def decode_as_is(data: bytes | memoryview, datatype: str, shape: list[int], dtype: str,
+                 params: dict[str, str | float | int] | None = None, max_bytes: int = MAX_DECODED_BYTES
+                 ) -> np.ndarray:
+    """A tensor sent as it is, which must be of the model's ``dtype`` (numpy name); sizes, compression and
+    float finiteness checked as in ``decode``. Returns a writable array of that dtype."""
+    want = AS_IS.get(dtype)
+    if datatype != want:
+        raise InvalidTensor(f"datatype {str(datatype)[:20]} but this input takes {want} ({dtype}); cast it first")
+    dims = check_shape(shape)
+    np_dtype = np.dtype(dtype)
+    expected = tensor_bytes(dims, np_dtype.itemsize)
+    if expected > max_bytes:
+        raise InvalidTensor(f"{datatype} tensor of shape {dims} would take more than {max_bytes} bytes (the "
+                            "server's --max-message-mb): send fewer rows per request")
+    compression = (params or {}).get(P_COMPRESSION)
+    if compression not in (None, "", "zstd"):
+        raise InvalidTensor(f"unknown compression {str(compression)[:40]!r}; only 'zstd' is supported")
+    if compression == "zstd":
+        data = _zstd_decompress(bytes(data), expected)
+    if len(data) != expected:
+        raise InvalidTensor(f"{datatype} tensor of shape {dims} needs {expected} bytes but {len(data)} arrived")
+    arr = np.frombuffer(data, dtype=np_dtype).reshape(dims).copy()
+    if arr.dtype.kind == "f" and not all_finite(arr):
+        raise InvalidTensor("tensor contains NaN or inf; check the sender's computation")
+    return arr
 
 
 def all_finite(x: np.ndarray) -> bool:

@@ -58,7 +58,7 @@ class CloudClient(Protocol):
     ``check_health(timeout)`` gets background health checks instead of request probes (see breaker.py)."""
 
     def infer(self, model: str, input_name: str, tensor: codec.WireTensor, *, timeout: float,
-              request_id: str = "") -> Offload: ...
+              request_id: str = "", extra: Any = ()) -> Offload: ...
 
     def ready(self, timeout: float = 1.0) -> bool: ...
 
@@ -214,17 +214,18 @@ class DeviceRuntime:
         """The link samples so far (the monitor's)."""
         return self.monitor.stats
 
-    def infer(self, x: np.ndarray) -> Result:
-        """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation)."""
+    def infer(self, x: np.ndarray, extras: Mapping[str, np.ndarray] | None = None) -> Result:
+        """Answer every row of a raw input batch ([B, C, H, W] float32, before normalisation; a multi-input
+        model's first input, e.g. input_ids, with the others in ``extras`` by name)."""
         start = self._clock()
         deadline = start + self.options.deadline_ms / 1000.0
-        raw = self.check_input(x)
-        x = self.runner.normalize(raw)
+        raw = self.check_input(x, extras)
+        x = self.runner.normalize(raw) if extras is None else raw
         # One split (and exit setting) per request: concurrent requests never see a change half-way.
         choice = self.adapter.pick() if self.adapter is not None else Choice(self.split)
         split = self.split = choice.split
         lat = Latency()
-        pend = Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds))
+        pend = Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds), extras)
         cur = self._run_local(pend, x, 0, splits.last_device_segment(split, self.runner.num_segments), lat)
         result_bytes, reason = 0, None
         if not pend.empty:
@@ -235,7 +236,7 @@ class DeviceRuntime:
         if self.adapter is not None:
             self.adapter.observe(split, result)
             if self.adapter.probe_due():
-                self._probe(raw)
+                self._probe(raw, extras)
         return result
 
     def close(self) -> None:
@@ -251,7 +252,7 @@ class DeviceRuntime:
         final_exit = len(self.manifest.exits) - 1
         for k in range(first, last + 1):
             t0, cpu0 = self._clock(), self._cpu_clock()
-            out = self.runner.run_segment(k, cur)
+            out = self.runner.run_segment(k, cur, pend.pending_extras())
             if self.options.slowdown > 1.0 and self.options.emulation == "stretch":
                 # Emulated slower device: this segment should take slowdown x its CPU time. Stretching by CPU
                 # rather than wall time keeps a busy host's scheduling delays from being multiplied too.
@@ -282,16 +283,20 @@ class DeviceRuntime:
         t0 = self._clock()
         if splits.offloads_input(split):
             # The whole model takes raw pixels (the server normalises them): 1 byte each when lossless.
-            wire = codec.encode_input(pend.raw[pend.rows], o.encoding, o.compress)
+            wire = codec.encode_input(pend.raw[pend.rows], o.encoding, o.compress) if pend.extras is None else \
+                codec.encode_as_is(pend.raw[pend.rows], o.compress)
         else:
             wire = codec.encode(cur, o.encoding, self._quant[split], o.compress)
+        extra = self._carried_wires(pend.pending_extras(), split)
         lat.encode_ms = (self._clock() - t0) * 1000.0
         input_name = self.manifest.input.name if splits.offloads_input(split) else f"boundary{split}"
         model = cloud_model(self.manifest.name, split)
         request_id = uuid.uuid4().hex
+        kw = {"extra": extra} if extra else {}
+        sent = len(wire.data) + sum(len(t.data) for _, t in extra)
 
         def call(timeout: float) -> Offload:
-            return self._client.infer(model, input_name, wire, timeout=timeout, request_id=request_id)
+            return self._client.infer(model, input_name, wire, timeout=timeout, request_id=request_id, **kw)
 
         t1 = self._clock()
         try:
@@ -311,10 +316,18 @@ class DeviceRuntime:
         lat.cloud_ms = cloud_s * 1000.0 if server is not None else None
         lat.network_ms = max(elapsed - cloud_s, 0.0) * 1000.0
         self.monitor.record_offload(
-            len(wire.data), network_seconds(elapsed, server, self._expected_cloud_s(split, len(pend.rows))))
+            sent, network_seconds(elapsed, server, self._expected_cloud_s(split, len(pend.rows))))
         probs = softmax(logits)
         pend.answer(np.ones(len(pend.rows), bool), probs.argmax(1), probs, len(self.manifest.exits) - 1, CLOUD)
-        return len(wire.data), None
+        return sent, None
+
+    def _carried_wires(self, extras: Mapping[str, np.ndarray] | None, split: Split
+                       ) -> list[tuple[str, codec.WireTensor]]:
+        """The extra model inputs an offload at ``split`` carries (an attention mask), as they are."""
+        if extras is None:
+            return []
+        names = self.manifest.carried(-1 if splits.offloads_input(split) else int(split))
+        return [(n, codec.encode_as_is(extras[n], self.options.compress)) for n in names]
 
     def _fallback(self, pend: Pending, cur: np.ndarray, lat: Latency, split: int | str) -> None:
         if self.options.on_failure == "best-exit" and pend.history:
@@ -335,17 +348,23 @@ class DeviceRuntime:
     def _expected_cloud_s(self, split: Split, rows: int) -> float:
         return self.adapter.expected_cloud_s(split, rows) if self.adapter is not None else 0.0
 
-    def _probe(self, raw: np.ndarray) -> None:
+    def _probe(self, raw: np.ndarray, extras: Mapping[str, np.ndarray] | None) -> None:
         """The adapter wants the link measured while nothing is offloaded: the monitor sends one row in the
         background (its answer is ignored; the user was answered already)."""
         split, o = self.adapter.probe_split(), self.options
         raw_input = splits.offloads_input(split)
+        row = {n: a[:1] for n, a in extras.items()} if extras is not None else None
 
-        def wire() -> codec.WireTensor:
-            if raw_input:
-                return codec.encode_input(raw[:1], o.encoding, o.compress)
-            boundary = self.runner.run(self.runner.normalize(raw[:1]), 0, split + 1).boundary
-            return codec.encode(boundary, o.encoding, self._quant.get(split), o.compress)
+        def wire() -> list[tuple[str, codec.WireTensor]]:
+            if raw_input and row is not None:
+                first = codec.encode_as_is(raw[:1], o.compress)
+            elif raw_input:
+                first = codec.encode_input(raw[:1], o.encoding, o.compress)
+            else:
+                x = self.runner.normalize(raw[:1]) if row is None else raw[:1]
+                boundary = self.runner.run(x, 0, split + 1, extras=row).boundary
+                first = codec.encode(boundary, o.encoding, self._quant.get(split), o.compress)
+            return [("", first), *self._carried_wires(row, split)]
 
         name = self.manifest.input.name if raw_input else f"boundary{split}"
         self.monitor.probe(split, name, wire, o.deadline_ms / 1000.0)
@@ -360,9 +379,18 @@ class DeviceRuntime:
             raise InvalidTensor(f"cloud logits have shape {list(logits.shape)}, expected [{rows}, {self.num_classes}]")
         return logits
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x: np.ndarray, extras: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``x`` as float32 if it is a non-empty finite batch of the bundle's input shape, else InvalidTensor
-        (the agent checks each app's tensor before micro-batching it with others')."""
+        (the agent checks each app's tensor before micro-batching it with others'). A multi-input model's
+        inputs are checked together, as they are (dtypes, shapes, named axes: ``runner.check_axes``)."""
+        m = self.manifest
+        if extras is not None or m.extra_inputs or m.input.dtype != "float32":
+            if not isinstance(x, np.ndarray) or x.ndim == 0 or x.shape[0] == 0:
+                raise InvalidTensor(f"input {m.input.name!r}: send a non-empty batch of {m.input.shape}")
+            self.runner.check_inputs(x, dict(extras or {}))
+            if any(len(a) != len(x) for a in (extras or {}).values()):
+                raise InvalidTensor(f"every input must have the {len(x)} rows of {m.input.name!r}")
+            return x
         x = np.asarray(x)
         if x.dtype != np.float32:
             if not np.issubdtype(x.dtype, np.floating):

@@ -63,11 +63,12 @@ class LinkMonitor:
         thread.start()
         return thread
 
-    def probe(self, split: Split, input_name: str, make_wire: Callable[[], WireTensor], timeout_s: float
-              ) -> threading.Thread | None:
+    def probe(self, split: Split, input_name: str, make_wire: Callable[[], WireTensor | list[tuple[str, WireTensor]]],
+              timeout_s: float) -> threading.Thread | None:
         """Send one tensor (``input_name`` of the cloud model at ``split``) in the background and record how long
         it took; its answer is ignored. ``make_wire`` runs on the probe thread, so the request that triggered the
-        probe is not delayed."""
+        probe is not delayed; it may return [(name, tensor), ...], the first one being ``input_name``'s and the
+        others the extra inputs a multi-input model carries."""
         if self._client is None:
             return None
         thread = threading.Thread(target=self._probe, args=(split, input_name, make_wire, timeout_s),
@@ -93,16 +94,19 @@ class LinkMonitor:
 
     def _probe(self, split: Split, input_name: str, make_wire: Callable[[], WireTensor], timeout_s: float) -> None:
         try:
-            wire = make_wire()
+            made = make_wire()
+            (_, wire), *extra = made if isinstance(made, list) else [("", made)]
+            kw = {"extra": extra} if extra else {}
             t0 = self._clock()
-            reply = self._client.infer(cloud_model(self._model, split), input_name, wire, timeout=timeout_s)
+            reply = self._client.infer(cloud_model(self._model, split), input_name, wire, timeout=timeout_s, **kw)
             seconds = self._clock() - t0
             # Without a report the probe's whole time counts as link (no estimate of the cloud's share here).
             server = getattr(reply, "server", None)
-            self.stats.record(len(wire.data), network_seconds(seconds, server))
+            nbytes = len(wire.data) + sum(len(t.data) for _, t in extra)
+            self.stats.record(nbytes, network_seconds(seconds, server))
             if server is not None and self.on_cloud_time is not None:
                 self.on_cloud_time(split, server.total_s * 1e3)
-            self._emit("probe", split=split, bytes=len(wire.data), seconds=round(seconds, 4))
+            self._emit("probe", split=split, bytes=nbytes, seconds=round(seconds, 4))
             self._time_rtt(1)  # the RTT may have moved with the link, too
         except EdgeExitError as e:
             self._emit("probe", split=split, error=type(e).__name__)

@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from edgeexit.bundle import BATCH
+from edgeexit.bundle import TensorSpec
 from edgeexit.errors import InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.oip_messages import InferRequest
@@ -52,8 +52,44 @@ def decode_input(request: InferRequest, model: str, name: str, datatypes: Collec
     return x
 
 
+def decode_inputs(request: InferRequest, model: str, specs: Sequence[TensorSpec], datatypes: Collection[str], *,
+                  max_rows: int | None = None, max_bytes: int = codec.MAX_DECODED_BYTES, copy: bool = True
+                  ) -> list[np.ndarray]:
+    """Every input of a model that takes several (``specs``: the first, then the extra inputs it carries), in
+    that order. A float32 first input decodes as ``decode_input`` does (``datatypes``, encodings, parameters of
+    the request or the tensor); every other input travels as it is, in its own dtype (``codec.decode_as_is``,
+    only its own tensor parameters). Shapes are checked as declared, before decoding; named axes match later
+    (``runner.check_axes``). Raises InvalidTensor saying what to send."""
+    want = [s.name for s in specs]
+    if sorted(request.inputs) != sorted(want):
+        got = sorted(request.inputs)
+        raise InvalidTensor(f"{model} takes the inputs {want}, got {str(got[:8])[:200]}")
+    out = []
+    for i, spec in enumerate(specs):
+        t = request.inputs[spec.name]
+        dims = codec.check_shape(t.shape)
+        check_declared_shape(dims, spec.shape, spec.name)
+        if max_rows is not None and dims and dims[0] > max_rows:
+            raise InvalidTensor(f"{spec.name}: {dims[0]} rows in one request, but this server takes at most "
+                                f"{max_rows} (--max-batch-rows); split the batch into several requests")
+        if i == 0 and spec.dtype == "float32":
+            single = InferRequest(request.model, {spec.name: t}, request.params)
+            out.append(decode_input(single, model, spec.name, datatypes, shape=spec.shape, max_bytes=max_bytes,
+                                    copy=copy))
+            continue
+        x = codec.decode_as_is(t.data, t.datatype, dims, spec.dtype, t.params, max_bytes=max_bytes)
+        if x.ndim > 0 and x.shape[0] == 0:
+            raise InvalidTensor(f"{spec.name}: the batch is empty; send at least one row")
+        out.append(x)
+    if len({len(x) for x in out}) != 1:
+        raise InvalidTensor(f"{model}: the inputs {want} must have the same number of rows, got "
+                            f"{[len(x) for x in out]}")
+    return out
+
+
 def check_declared_shape(dims: Sequence[int], want: Sequence[int | str], name: str) -> None:
-    """Refuse a declared shape that is not ``want`` (``BATCH`` matching any row count), before decoding."""
-    ok = len(dims) == len(want) and all(w == BATCH or int(w) == d for w, d in zip(want, dims, strict=True))
+    """Refuse a declared shape that is not ``want`` (a named axis such as ``BATCH`` matching any size), before
+    decoding."""
+    ok = len(dims) == len(want) and all(isinstance(w, str) or int(w) == d for w, d in zip(want, dims, strict=True))
     if not ok:
         raise InvalidTensor(f"{name}: shape {list(dims)} but the bundle expects {list(want)} ('batch' is any size)")

@@ -7,6 +7,7 @@ the agent's INT32 codes (runtime/decided.py), turned into names once per request
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,10 @@ from edgeexit.runtime.decided import DECIDED_CODES, DECIDED_NAMES
 class Pending:
     """The rows not yet answered, with the exit logits computed for them so far."""
 
-    def __init__(self, raw: np.ndarray, classes: int, policy: ExitPolicy):
+    def __init__(self, raw: np.ndarray, classes: int, policy: ExitPolicy,
+                 extras: Mapping[str, np.ndarray] | None = None):
         self.raw, batch = raw, len(raw)  # every row before normalisation (what the whole cloud model takes)
+        self.extras = extras  # a multi-input model's other inputs (name -> every row), None for one input
         self.policy = policy  # this request's exit policy (the planner's setting may change between requests)
         self.labels = np.zeros(batch, np.int64)
         self.probs = np.zeros((batch, classes), np.float32)
@@ -44,6 +47,14 @@ class Pending:
         keep = ~mask
         self.rows = self.rows[keep]
         self.history = [h[keep] for h in self.history]
+
+    def pending_extras(self) -> dict[str, np.ndarray] | None:
+        """The extra inputs' pending rows (None for a one-input model)."""
+        if self.extras is None:
+            return None
+        if len(self.rows) == len(self.raw):
+            return dict(self.extras)
+        return {n: a[self.rows] for n, a in self.extras.items()}
 
     @property
     def decided(self) -> list[str]:

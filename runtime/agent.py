@@ -28,6 +28,10 @@ both digests. "overloaded": the service's queue was full and the request fell ba
 The other agent metrics (rows per exit and decided, fallbacks by the same reasons, bytes sent, the current split,
 the link estimate, the circuit) are listed in the README's "Metrics" table.
 
+A model with several inputs (``input_ids`` and ``attention_mask``, INT64 [-1, -1]) takes each by name in its own
+dtype, as ModelMetadata lists them; the tokenizer stays in the app (the `tokenizers` package, the model's own
+tokenizer.json). A request's inputs share their sequence length, at most the bundle's ``dims`` max.
+
 Bounds on what apps send, checked on the declared shape before anything is decompressed or run: at most
 ``max_batch_rows`` rows per request and ``max_message_bytes`` per message and per decoded tensor, as serve does.
 """
@@ -53,12 +57,12 @@ from prometheus_client.metrics import MetricWrapperBase
 from edgeexit.errors import ConfigError
 from edgeexit.hostport import parse_hostport
 from edgeexit.logs import event
-from edgeexit.runtime import backends
+from edgeexit.runtime import backends, codec
 from edgeexit.runtime.decided import DECIDED_NAMES
 from edgeexit.runtime.device import DeviceOptions, DeviceRuntime, Result
 from edgeexit.runtime.metrics import LATENCY_BUCKETS
 from edgeexit.runtime.micro_batch import MicroBatcher
-from edgeexit.runtime.oip_input import decode_input
+from edgeexit.runtime.oip_input import decode_input, decode_inputs
 from edgeexit.runtime.oip_messages import InferRequest, InferResponse, ModelMetadata, TensorMeta
 from edgeexit.runtime.oip_server import ServerHandle, ServerOptions, build_server
 
@@ -153,15 +157,22 @@ class AgentHandler:
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.name = runtime.model_name
         self.metrics: AgentMetrics | None = None
-        device_only = runtime.split == "device" and runtime.adapter is None
+        m = runtime.manifest
+        # Every input by its name and dtype (token ids and a mask), or None: the one FP32 pixel input.
+        self._specs = m.inputs if m.extra_inputs or m.input.dtype != "float32" else None
+        # Not for multi-input models: a batch concatenates rows, so it could only join requests whose every input
+        # has the same shape, and apps pad text to their own lengths (their requests would seldom match).
+        device_only = runtime.split == "device" and runtime.adapter is None and self._specs is None
         self._batcher = MicroBatcher(self._run, micro_batch_rows) if device_only and micro_batch_rows > 1 else None
 
     def metadata(self) -> ModelMetadata:
-        shape = [-1 if d == "batch" else int(d) for d in self.runtime.manifest.input.shape]
+        specs = self._specs or [self.runtime.manifest.input]  # one pixel input: named "input", FP32, as always
+        inputs = [TensorMeta(t.name if self._specs else "input", codec.AS_IS[t.dtype] if self._specs else "FP32",
+                             [-1 if isinstance(d, str) else int(d) for d in t.shape]) for t in specs]
         c = self.runtime.num_classes
         return ModelMetadata(
             name=self.name,
-            inputs=[TensorMeta("input", "FP32", shape)],
+            inputs=inputs,
             outputs=[TensorMeta("label", "INT64", [-1]), TensorMeta("probabilities", "FP32", [-1, c]),
                      TensorMeta("exit", "INT32", [-1]), TensorMeta("decided", "INT32", [-1])],
         )
@@ -170,13 +181,16 @@ class AgentHandler:
         return True
 
     def infer(self, request: InferRequest) -> InferResponse:
-        inp = self.runtime.manifest.input
-        x = decode_input(request, self.name, inp.name, INPUT_DATATYPES, shape=inp.shape, max_rows=self.max_rows,
-                         max_bytes=self.max_bytes)
-        if self._batcher is None:
-            res = self._run(x)
+        if self._specs is not None:  # the runtime checks them together: named axes agree, within the bundle's
+            xs = decode_inputs(request, self.name, self._specs, INPUT_DATATYPES, max_rows=self.max_rows,
+                               max_bytes=self.max_bytes)
+            res = self._run(xs[0], {t.name: a for t, a in zip(self._specs[1:], xs[1:], strict=True)})
+            rows, total_ms = slice(None), res.latency.total_ms
+        elif self._batcher is None:
+            res = self._run(self._decode(request))
             rows, total_ms = slice(None), res.latency.total_ms
         else:
+            x = self._decode(request)
             t0 = time.perf_counter()
             # Checked here, alone: one app's bad tensor must not fail the batch it would have joined.
             share = self._batcher.submit(self.runtime.check_input(x))
@@ -199,9 +213,15 @@ class AgentHandler:
             params=params,
         )
 
-    def _run(self, x: np.ndarray) -> Result:
-        """One runtime call (a whole micro-batch when batching), counted once in the metrics."""
-        res = self.runtime.infer(x)
+    def _decode(self, request: InferRequest) -> np.ndarray:
+        inp = self.runtime.manifest.input
+        return decode_input(request, self.name, inp.name, INPUT_DATATYPES, shape=inp.shape, max_rows=self.max_rows,
+                            max_bytes=self.max_bytes)
+
+    def _run(self, x: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> Result:
+        """One runtime call (a whole micro-batch when batching; a multi-input model's first input, the others
+        in ``extras``), counted once in the metrics."""
+        res = self.runtime.infer(x) if extras is None else self.runtime.infer(x, extras)
         self._observe(res)
         return res
 

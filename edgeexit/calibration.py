@@ -245,12 +245,16 @@ class CalibrationResult:
     def calibrated(self) -> bool:
         return self.chosen >= 0
 
-    def to_manifest(self, split: str, dataset: str) -> dict[str, Any]:
+    def to_manifest(self, split: str, dataset: str, seq_len: int | None = None) -> dict[str, Any]:
+        """The manifest's ``policy``; ``seq_len``: a text set's tokens per row (recorded with the dataset)."""
         d = self.policy.to_dict()
+        where: dict[str, Any] = {"split": split, "n": self.n, "dataset": dataset}
+        if seq_len is not None:
+            where["seq_len"] = seq_len
         d.update(
             epsilon=self.options.epsilon, delta=self.options.delta, mode=self.options.mode, scheme=self.scheme,
             requested_kind=self.options.kind,
-            calibration={"split": split, "n": self.n, "dataset": dataset},
+            calibration=where,
             note=self.message, final_accuracy=self.final_accuracy, exit_stats=self.exit_stats,
             candidates=self.candidates,
         )

@@ -10,6 +10,10 @@ for calibration) and ``test`` (the official test split where one exists, otherwi
 ``<name>-<N>`` (e.g. ``fashion-mnist-96``) is any built-in dataset resized to N x N: bilinear, then rounded to
 k/255 like an 8-bit camera frame, so the input travels exactly as uint8.
 
+``stdlib-docstrings`` is a text set (token ids and an attention mask, not images): ``edgeexit.text_data`` loads
+it, and ``edgeexit calibrate``/``evaluate`` route it there for a bundle whose model takes token ids; ``load``
+refuses it with that hint.
+
 A user's ``.npz`` also takes the split ``all``: the whole file, which is what ``edgeexit calibrate`` uses unless
 asked otherwise. Its ``train``/``val``/``test`` are carved with the fixed seed (20% test, 10% val, the rest train).
 """
@@ -27,6 +31,7 @@ from edgeexit.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "mnist-5k", "digits")
 SPLITS = ("train", "val", "test")
+TEXT_DATASETS = ("stdlib-docstrings",)  # edgeexit.text_data.NAME: loaded there (it needs the tokenizers package)
 WHOLE = "all"  # a user .npz only: every row of the file, uncarved
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "EDGEEXIT_FASHION_MNIST_DIR"
@@ -46,6 +51,10 @@ def num_classes(name: str) -> int:
     """Number of classes of a dataset (for a .npz: max label + 1)."""
     if name in DATASETS or resized_name(name) is not None:
         return 10
+    if is_text(name):
+        from edgeexit.text_data import CLASSES
+
+        return len(CLASSES)
     _, y = _load_npz(Path(name))
     return int(y.max()) + 1
 
@@ -56,6 +65,10 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
     ``limit`` keeps the first N samples of the split (the split order is fixed, so this is deterministic).
     ``split="all"`` (:data:`WHOLE`) is the whole file of a user ``.npz``; the named datasets keep their splits.
     """
+    if is_text(name):
+        raise ConfigError(f"{name!r} is a text set (token ids and an attention mask), not images: it runs on a "
+                          "bundle whose model takes input_ids (`edgeexit calibrate/evaluate BUNDLE --data "
+                          f"{name}`); in code, edgeexit.text_data.load_text")
     if split == WHOLE and not is_user_file(name):
         raise ConfigError(f"split {WHOLE!r} is only for a user .npz file; the named datasets keep their "
                           f"{', '.join(SPLITS)} splits: use --split val")
@@ -81,9 +94,15 @@ def load(name: str, split: str = "test", limit: int | None = None) -> tuple[np.n
     return x, y
 
 
+def is_text(name: str) -> bool:
+    """True for a built-in text set (``TEXT_DATASETS``), loaded by ``edgeexit.text_data``."""
+    return name in TEXT_DATASETS
+
+
 def is_user_file(name: str) -> bool:
     """True for a user's .npz path, False for a built-in dataset name (or a resized one)."""
-    return name not in DATASETS and resized_name(name) is None and (name.endswith(".npz") or Path(name).is_file())
+    return (name not in DATASETS and not is_text(name) and resized_name(name) is None
+            and (name.endswith(".npz") or Path(name).is_file()))
 
 
 def resized_name(name: str) -> tuple[str, int] | None:

@@ -13,14 +13,18 @@ reach deep stages (``refill`` removes the latter offline; benchmarks/early_exit_
 ``ExitTrace`` is the offline twin: the logits of every exit are computed once (``collect_logits``), each
 policy's per-exit scores once, and then any threshold vector is applied with a few vectorised comparisons.
 Calibration and evaluation sweeps rely on it; a test proves it equals ``run_early_exit`` exactly.
-Torch-free (numpy only).
+
+Models with several inputs (a transformer's ``input_ids`` and ``attention_mask``) take a ``ModelInputs``
+wherever an input array goes: the primary input and the extra inputs, row-aligned. Every regrouping (rows
+leaving, refill queues splitting and joining) moves a row's extra inputs with it, so a continuing row always
+runs with its own mask. Torch-free (numpy only).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +35,42 @@ from edgeexit.policies import ExitPolicy, check_logits, final_answer
 if TYPE_CHECKING:  # keeps onnxruntime out of import time
     from edgeexit.bundle import Manifest
     from edgeexit.runtime.runner import SegmentOutput, SegmentRunner
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A batch of model inputs: the primary input ``x`` and the extra inputs by name (``Manifest.extra_inputs``),
+    every array with the same rows. Indexing (a slice, an index array) takes the same rows of each."""
+
+    x: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, v in self.extras.items():
+            if len(v) != len(self.x):
+                raise ConfigError(f"input {name!r} has {len(v)} rows but the primary input has {len(self.x)}; "
+                                  "every input needs one row per sample")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: slice | np.ndarray) -> ModelInputs:
+        return ModelInputs(self.x[idx], {k: v[idx] for k, v in self.extras.items()})
+
+
+def split_inputs(x: np.ndarray | ModelInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(primary input, extra inputs) of either form."""
+    return (x.x, x.extras) if isinstance(x, ModelInputs) else (x, {})
+
+
+def prepare_input(runner: SegmentRunner, x: np.ndarray, normalized: bool = False) -> np.ndarray:
+    """The primary input as the first segment takes it: float inputs normalised (unless ``normalized``) and
+    float32 as before; other dtypes (token ids) as they are, contiguous (the runner checks their dtype)."""
+    spec = runner.manifest.input
+    if np.dtype(getattr(spec, "dtype", "float32")) != np.float32:
+        return np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x if normalized else runner.normalize(x)
 
 
 @dataclass
@@ -77,20 +117,31 @@ def exit_stages(manifest: Manifest) -> list[Stage]:
     return stages
 
 
-def run_stage(runner: SegmentRunner, st: Stage, x: np.ndarray) -> SegmentOutput:
-    """One call of the runner for the stage (a range runs merged when the runner can merge it)."""
-    # run_segment for one segment: stand-in runners (tests) need not implement ranges.
+def run_stage(runner: SegmentRunner, st: Stage, x: np.ndarray, extras: dict[str, np.ndarray] | None = None
+              ) -> SegmentOutput:
+    """One call of the runner for the stage (a range runs merged when the runner can merge it); ``extras``: the
+    model's extra inputs for these rows (the segments that read them take them by name)."""
+    # run_segment for one segment: stand-in runners (tests) need not implement ranges, nor extras.
+    if extras:
+        if st.stop - st.start == 1:
+            return runner.run_segment(st.start, x, extras)
+        return runner.run(x, st.start, st.stop, extras=extras)
     return runner.run_segment(st.start, x) if st.stop - st.start == 1 else runner.run(x, st.start, st.stop)
 
 
 @dataclass
 class _Rows:
     """Rows on their way through the stages: their global indices, the next stage's input, the exits seen
-    (kept only for policies that read history)."""
+    (kept only for policies that read history), the model's extra inputs of these rows (row-aligned)."""
 
     rows: np.ndarray  # int64[B]
     x: np.ndarray  # [B, ...] the next stage's input
     history: list[np.ndarray]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [B, ...], e.g. the attention mask
+
+    def take(self, sl: slice) -> _Rows:
+        return _Rows(self.rows[sl], self.x[sl], [h[sl] for h in self.history],
+                     {k: v[sl] for k, v in self.extras.items()})
 
 
 def _run_stage_rows(runner: SegmentRunner, policy: ExitPolicy, st: Stage, flops: list[int], p: _Rows,
@@ -101,8 +152,8 @@ def _run_stage_rows(runner: SegmentRunner, policy: ExitPolicy, st: Stage, flops:
     it)."""
     final = len(flops) - 1
     keep_history = policy.uses_history
-    rows, history = p.rows, p.history
-    seg_out = run_stage(runner, st, p.x)
+    rows, history, extras = p.rows, p.history, p.extras
+    seg_out = run_stage(runner, st, p.x, extras)
     boundary = seg_out.boundary
     for j in st.exits:
         logits = seg_out.exits[j]
@@ -139,7 +190,9 @@ def _run_stage_rows(runner: SegmentRunner, policy: ExitPolicy, st: Stage, flops:
         seg_out.exits = {i: v.compress(stay, axis=0) for i, v in seg_out.exits.items() if i > j}
         if boundary is not None:
             boundary = boundary.compress(stay, axis=0)
-    return _Rows(rows, boundary, history)
+        if extras:  # each continuing row keeps its own mask row: nothing mixes across rows
+            extras = {k: v.compress(stay, axis=0) for k, v in extras.items()}
+    return _Rows(rows, boundary, history, extras)
 
 
 def _run_batch(runner: SegmentRunner, policy: ExitPolicy, stages: list[Stage], flops: list[int], p: _Rows,
@@ -172,13 +225,14 @@ class _Refill:
             if k == len(head.rows):
                 parts.append(q.pop(0))
             else:  # split the chunk: its first k rows now, the rest stay queued
-                parts.append(_Rows(head.rows[:k], head.x[:k], [h[:k] for h in head.history]))
-                q[0] = _Rows(head.rows[k:], head.x[k:], [h[k:] for h in head.history])
+                parts.append(head.take(slice(None, k)))
+                q[0] = head.take(slice(k, None))
             got += k
         if len(parts) == 1:
             return parts[0]
         return _Rows(np.concatenate([p.rows for p in parts]), np.concatenate([p.x for p in parts]),
-                     [np.concatenate(hs) for hs in zip(*(p.history for p in parts), strict=True)])
+                     [np.concatenate(hs) for hs in zip(*(p.history for p in parts), strict=True)],
+                     {k: np.concatenate([p.extras[k] for p in parts]) for k in parts[0].extras})
 
     def _run(self, s: int, p: _Rows) -> None:
         runner, policy, flops = self.args
@@ -199,11 +253,12 @@ class _Refill:
                 self._run(s, self._take(s, min(self.batch_size, self._pending(s))))
 
 
-def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, batch_size: int = 256,
+def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray | ModelInputs, batch_size: int = 256,
                    normalized: bool = False, progress: Callable[[int], None] | None = None,
                    refill: bool = False) -> EarlyExitResult:
     """Classify ``x`` with early exits. ``x`` is raw (as ``edgeexit.datasets.load`` returns it) unless
-    ``normalized``; ``progress(n)`` is called after each batch with the number of rows done.
+    ``normalized``; a model with extra inputs takes a ``ModelInputs`` (token ids are never normalised);
+    ``progress(n)`` is called after each batch with the number of rows done.
 
     ``refill``: the rows that go on after an exit wait for the next batches' rows, so every stage runs at
     ``batch_size`` (offline evaluation of a whole set; same answers, rows answered later). Without it each
@@ -220,9 +275,9 @@ def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, bat
     queues = _Refill(runner, policy, stages, flops, out, batch_size) if refill else None
     t0 = time.perf_counter()
     for s in _batches(n, batch_size):
-        xb = x[s:s + batch_size]
-        xb = xb if normalized else runner.normalize(xb)
-        p = _Rows(np.arange(s, s + len(xb)), np.ascontiguousarray(xb, dtype=np.float32), [])
+        xb, eb = split_inputs(x[s:s + batch_size])
+        xb = prepare_input(runner, xb, normalized)
+        p = _Rows(np.arange(s, s + len(xb)), xb, [], {k: np.ascontiguousarray(v) for k, v in eb.items()})
         if queues is not None:
             queues.push(p)
         else:
@@ -235,13 +290,16 @@ def run_early_exit(runner: SegmentRunner, policy: ExitPolicy, x: np.ndarray, bat
     return out
 
 
-def collect_logits(runner: SegmentRunner, x: np.ndarray, batch_size: int = 256,
+def collect_logits(runner: SegmentRunner, x: np.ndarray | ModelInputs, batch_size: int = 256,
                    progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Every exit's logits for raw inputs ``x`` (no early exit), shallowest first: [num_exits] x [N, C]."""
     parts: list[list[np.ndarray]] = [[] for _ in runner.manifest.exits]
     for s in _batches(len(x), batch_size):
-        xb = runner.normalize(np.ascontiguousarray(x[s:s + batch_size], dtype=np.float32))
-        for j, logits in enumerate(runner.run_all(xb)):
+        xb, eb = split_inputs(x[s:s + batch_size])
+        xb = prepare_input(runner, xb)
+        out = runner.run_all(xb, extras={k: np.ascontiguousarray(v) for k, v in eb.items()}) if eb \
+            else runner.run_all(xb)
+        for j, logits in enumerate(out):
             parts[j].append(logits)
         if progress:
             progress(len(xb))

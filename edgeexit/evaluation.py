@@ -3,6 +3,10 @@ relative to the full model (both measured in the same run), and sweeps of every 
 
 Relative compute counts the FLOPs of the segments actually executed (a row that exits at exit j has run every
 segment up to the one owning j), divided by the FLOPs of the whole model. Torch-free.
+
+``load_for_bundle`` is the one data path of calibrate and evaluate: an image set as arrays for an image model,
+a text set as token ids plus the model's extra inputs (``ModelInputs``) for a model that takes token ids, and a
+``ConfigError`` saying which data fits when they do not match.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from typing import Any
 
 import numpy as np
 
+from edgeexit import datasets
 from edgeexit.calibration import lambda_grid, thresholds_for
-from edgeexit.early_exit import ExitTrace, collect_logits, executed_flops, run_early_exit
+from edgeexit.early_exit import ExitTrace, ModelInputs, collect_logits, executed_flops, run_early_exit
+from edgeexit.errors import ConfigError
 from edgeexit.logs import ProgressBar
 from edgeexit.policies import KINDS, ExitPolicy, make_policy
 from edgeexit.reports import Curve, markdown_table, plot_curves, write_json
 
 SWEEP_KINDS = tuple(k for k in KINDS if k != "never")
+DEFAULT_SEQ_LEN = 128  # a text model whose manifest names no example sequence length
+TEXT_EXTRAS = ("attention_mask",)  # the extra inputs a text set gives besides the token ids
+Inputs = np.ndarray | ModelInputs  # images, or token ids with the model's extra inputs
 
 
 @dataclass
@@ -33,6 +42,67 @@ class EvalOptions:
     threads: int = 1
     progress: bool = True
     params: dict[str, Any] = field(default_factory=dict)  # policy parameters for sweeps (patience k)
+    seq_len: int | None = None  # text sets: tokens per row (None: load_for_bundle's default)
+
+
+# ---------------------------------------------------------------- data for a bundle
+
+
+def takes_tokens(manifest: Any) -> bool:
+    """True for a model fed token ids (integer primary input, or extra inputs such as an attention mask)."""
+    return bool(manifest.extra_inputs) or np.dtype(manifest.input.dtype).kind in "iu"
+
+
+def _describe_inputs(manifest: Any) -> str:
+    return ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in manifest.inputs)
+
+
+def seq_len_for(manifest: Any, seq_len: int | None = None) -> int:
+    """Tokens per row for a text model: ``seq_len``, else the manifest's example length of its sequence axis
+    (else 128), capped at the axis' largest allowed size; a fixed sequence axis admits only its own size."""
+    from edgeexit.text_data import MAX_SEQ_LEN
+
+    axis = manifest.input.shape[1] if len(manifest.input.shape) == 2 else None
+    if isinstance(axis, int):  # exported with a fixed length: that is the only one it takes
+        if seq_len is not None and seq_len != axis:
+            raise ConfigError(f"--seq-len {seq_len}: {manifest.name} takes exactly {axis} tokens per row")
+        return axis
+    dims = manifest.dims.get(axis, {}) if isinstance(axis, str) else {}
+    top = min(int(dims.get("max", MAX_SEQ_LEN)), MAX_SEQ_LEN)
+    if seq_len is None:
+        return min(int(dims.get("example", DEFAULT_SEQ_LEN)), top)
+    if not 2 <= seq_len <= top:
+        raise ConfigError(f"--seq-len {seq_len}: {manifest.name} takes 2..{top} tokens per row")
+    return seq_len
+
+
+def load_for_bundle(manifest: Any, data: str, split: str, limit: int | None = None,
+                    seq_len: int | None = None) -> tuple[Inputs, np.ndarray]:
+    """``(inputs, labels)`` of ``split`` of ``data`` in the form the bundle's model takes: images (as
+    ``datasets.load`` gives them) for an image model; for a model fed token ids, a text set tokenised to
+    ``seq_len_for(manifest, seq_len)`` tokens as ``ModelInputs(input_ids, {"attention_mask": ...})``."""
+    tokens = takes_tokens(manifest)
+    if datasets.is_text(data):
+        if not tokens:
+            sets = ", ".join(datasets.DATASETS)
+            raise ConfigError(f"{data!r} is a text set (token ids and an attention mask) but {manifest.name} takes "
+                              f"images ({_describe_inputs(manifest)}): give an image set ({sets}, a resized one such "
+                              "as fashion-mnist-96, or a .npz of images)")
+        unknown = [t.name for t in manifest.extra_inputs if t.name not in TEXT_EXTRAS]
+        if unknown:
+            raise ConfigError(f"{data!r} gives token ids and {', '.join(TEXT_EXTRAS)}; {manifest.name} also takes "
+                              f"{unknown}: feed it from code (edgeexit.early_exit.ModelInputs)")
+        from edgeexit.text_data import load_text
+
+        ids, mask, y = load_text(split, seq_len_for(manifest, seq_len), limit)
+        extras = {"attention_mask": mask} if manifest.extra_inputs else {}
+        return ModelInputs(ids, extras), y
+    if tokens:
+        raise ConfigError(f"{manifest.name} takes token ids ({_describe_inputs(manifest)}), not images: give a "
+                          f"text set (--data {' or '.join(datasets.TEXT_DATASETS)}); {data!r} is not one")
+    if seq_len is not None:
+        raise ConfigError(f"--seq-len is for text sets ({', '.join(datasets.TEXT_DATASETS)}); {data!r} is images")
+    return datasets.load(data, split, limit)
 
 
 @dataclass
@@ -67,7 +137,7 @@ def per_exit_rows(manifest: Any, logits: list[np.ndarray], y: np.ndarray) -> lis
             for j, lg in enumerate(logits)]
 
 
-def time_full_model(runner: Any, x: np.ndarray, batch_size: int, progress: bool = False
+def time_full_model(runner: Any, x: Inputs, batch_size: int, progress: bool = False
                     ) -> tuple[list[np.ndarray], float]:
     """Every exit's logits and the wall time of the full-model pass (the reference for relative time)."""
     with ProgressBar(len(x), progress, "full model") as bar:
@@ -76,12 +146,12 @@ def time_full_model(runner: Any, x: np.ndarray, batch_size: int, progress: bool 
         return logits, time.perf_counter() - t0
 
 
-def warm_up(runner: Any, x: np.ndarray) -> None:
+def warm_up(runner: Any, x: Inputs) -> None:
     """Open every session and run once, so neither timed run pays for session creation."""
     collect_logits(runner, x[: min(len(x), 8)])
 
 
-def evaluate_policy(runner: Any, policy: ExitPolicy, x: np.ndarray, y: np.ndarray, options: EvalOptions,
+def evaluate_policy(runner: Any, policy: ExitPolicy, x: Inputs, y: np.ndarray, options: EvalOptions,
                     full: tuple[list[np.ndarray], float] | None = None, repeats: int = 1) -> PolicyEval:
     """Run the policy for real (regrouping runner) and the full model on the same data; compare.
 

@@ -5,6 +5,8 @@ exit on at most epsilon of inputs (--mode consistency), or loses at most epsilon
 (--mode accuracy). The result (policy, thresholds, per-exit statistics, every candidate setting) is written
 into the bundle's manifest. A named dataset calibrates on its val split (never train or test); a user's .npz
 file is used whole unless --split val asks for its fixed 10% carve. The output says how many rows were used.
+A bundle whose model takes token ids (input_ids, attention_mask) calibrates on a text set
+(--data stdlib-docstrings), tokenised to --seq-len tokens (default: the bundle's example length, else 128).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate exit thresholds with a risk guarantee", description=__doc__)
     p.add_argument("bundle", help="path to NAME.edgeexit")
-    p.add_argument("--data", default="fashion-mnist", help="dataset name or .npz path (default fashion-mnist)")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="dataset name or .npz path (default fashion-mnist); stdlib-docstrings for a text model")
+    p.add_argument("--seq-len", type=int,
+                   help="text sets: tokens per row (default: the bundle's example length or 128, at most its max)")
     p.add_argument("--split", choices=["val", "all", "train", "test"],
                    help="named datasets: val (the default; train and test are refused). A .npz file is used whole "
                         "(all, its default); --split val takes its fixed 10%% carve instead (the rows "
@@ -38,11 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import replace
 
     from edgeexit import datasets
     from edgeexit.bundle import Bundle
-    from edgeexit.calibration import CalibrationOptions, calibrate, check_split
+    from edgeexit.calibration import MAX_PARETO_EXITS, CalibrationOptions, calibrate, check_split
     from edgeexit.early_exit import collect_logits
+    from edgeexit.evaluation import load_for_bundle, seq_len_for, takes_tokens
     from edgeexit.logs import ProgressBar
     from edgeexit.reports import markdown_table
     from edgeexit.runtime.runner import SegmentRunner
@@ -54,16 +61,20 @@ def run(args: argparse.Namespace) -> int:
     options = CalibrationOptions(args.policy, args.epsilon, args.delta, args.mode, params, args.scheme)
     options.check()
     bundle = Bundle.load(args.bundle)
-    x, y = datasets.load(args.data, split, args.limit)
-    print(f"calibrating on {len(x)} rows: {_source(args.data, split, args.limit, user_file)}")
-    if len(x) < options.rows_needed():
-        print(f"note: epsilon {options.epsilon} and delta {options.delta} need at least {options.rows_needed()} rows "
-              f"({options.scheme} scheme) for any early exit to pass; with {len(x)} expect 'never exit early'")
+    x, y = load_for_bundle(bundle.manifest, args.data, split, args.limit, args.seq_len)
+    seq_len = seq_len_for(bundle.manifest, args.seq_len) if takes_tokens(bundle.manifest) else None
+    tokens = f" at {seq_len} tokens per row" if seq_len is not None else ""
+    print(f"calibrating on {len(x)} rows: {_source(args.data, split, args.limit, user_file)}{tokens}")
+    # calibrate() uses the shared scheme beyond MAX_PARETO_EXITS early exits: the note counts for that scheme
+    used = options if len(bundle.manifest.exits) - 1 <= MAX_PARETO_EXITS else replace(options, scheme="shared")
+    if len(x) < used.rows_needed():
+        print(f"note: epsilon {options.epsilon} and delta {options.delta} need at least {used.rows_needed()} rows "
+              f"({used.scheme} scheme) for any early exit to pass; with {len(x)} expect 'never exit early'")
     runner = SegmentRunner(bundle, args.backend)
     with ProgressBar(len(x), not args.no_progress, "exit logits") as bar:
         logits = collect_logits(runner, x, args.batch_size, progress=bar.update)
     result = calibrate(logits, bundle.manifest, options, labels=y)
-    bundle.manifest.policy = result.to_manifest(split, args.data)
+    bundle.manifest.policy = result.to_manifest(split, args.data, seq_len)
     bundle.save()
     if not result.calibrated:
         logging.getLogger("edgeexit.calibrate").warning(result.message)

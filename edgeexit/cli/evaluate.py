@@ -4,6 +4,8 @@ Without --no-policy it runs the bundle's calibrated policy for real (early-exit 
 the full model on the same data, and prints per exit: exit rate, accuracy of the rows answered there and
 cumulative compute; then overall accuracy vs the final exit alone, relative FLOPs and measured time relative
 to the full model. --sweep also writes accuracy vs relative compute for every policy (PNG + JSON + Markdown).
+A bundle whose model takes token ids (input_ids, attention_mask) runs on a text set (--data stdlib-docstrings),
+tokenised to --seq-len tokens (default: the bundle's example length, else 128).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from edgeexit.cli.common import add_backend_args
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy vs compute of exits and exit policies", description=__doc__)
     p.add_argument("bundle", help="path to NAME.edgeexit")
-    p.add_argument("--data", default="fashion-mnist", help="dataset name or .npz path (default fashion-mnist)")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="dataset name or .npz path (default fashion-mnist); stdlib-docstrings for a text model")
+    p.add_argument("--seq-len", type=int,
+                   help="text sets: tokens per row (default: the bundle's example length or 128, at most its max)")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument("--policy", help="require the bundle's calibrated policy to be of this kind")
     p.add_argument("--no-policy", action="store_true", help="only every exit's own accuracy and compute")
@@ -33,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from edgeexit import datasets
     from edgeexit.bundle import Bundle
     from edgeexit.errors import ConfigError
     from edgeexit.evaluation import (
@@ -41,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
         EvalOptions,
         evaluate_policy,
         exits_table,
+        load_for_bundle,
         per_exit_rows,
+        seq_len_for,
         summary,
         sweep_policy,
+        takes_tokens,
         time_full_model,
         warm_up,
         write_sweep,
@@ -58,18 +65,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--policy and --no-policy contradict each other; give one")
     bundle = Bundle.load(args.bundle)
     policy = None if args.no_policy else policy_from_manifest(bundle.manifest, args.policy)
+    x, y = load_for_bundle(bundle.manifest, args.data, args.split, args.limit, args.seq_len)
+    seq_len = seq_len_for(bundle.manifest, args.seq_len) if takes_tokens(bundle.manifest) else None
     opts = EvalOptions(args.data, args.split, args.limit, args.batch_size, args.backend,
-                       progress=not args.no_progress)
-    x, y = datasets.load(args.data, args.split, args.limit)
+                       progress=not args.no_progress, seq_len=seq_len)
     runner = SegmentRunner(bundle, args.backend, fmt=args.fmt)
     warm_up(runner, x)
     logits, full_s = time_full_model(runner, x, args.batch_size, opts.progress)
-    print(f"{bundle.name} on {args.data}/{args.split}: {len(y)} samples, backend {args.backend}")
+    tokens = f" at {seq_len} tokens per row" if seq_len is not None else ""
+    print(f"{bundle.name} on {args.data}/{args.split}: {len(y)} samples{tokens}, backend {args.backend}")
     rows = per_exit_rows(bundle.manifest, logits, y)
     print("\nEvery exit on every sample (no early exit):")
     print(exits_table(rows))
     report: dict = {"bundle": str(bundle.root), "data": args.data, "split": args.split, "n": len(y),
                     "exits": [asdict(r) for r in rows]}
+    if seq_len is not None:
+        report["seq_len"] = seq_len
     if policy is not None:
         if policy.kind == "never":
             print("\nthe bundle has no calibrated policy: every sample runs to the final exit "

@@ -14,12 +14,18 @@ not fit, found before sending when the shape is wrong), ``PeerRefused`` (token o
 
 Inputs: the agent takes FP32 (or FP16) pixels in [0, 1]; float16 is sent as FP16, float32 and float64 as FP32,
 and uint8 images as k/255 in FP32 (the agent accepts no UINT8). Other dtypes are refused.
+
+A model with several inputs (a text model; the tokenizer stays in the app) takes them by name, each in the
+datatype the agent's ModelMetadata lists (integers widen, e.g. int32 token ids go as INT64; nothing narrows)::
+
+    result = agent.infer({"input_ids": ids, "attention_mask": mask})   # int64 [B, S] each
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,6 +42,9 @@ from edgeexit.runtime.status import app_error_for
 __all__ = ["EdgeExitClient", "Latency", "Result"]
 
 _OUTPUTS = ("label", "probabilities", "exit", "decided")
+# OIP datatype -> numpy dtype, for inputs sent by name as they are
+_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8,
+           "UINT8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -134,12 +143,16 @@ class EdgeExitClient:
     def model(self) -> str:
         return self._model or self.metadata().name
 
-    def infer(self, x: np.ndarray, *, timeout_s: float | None = None) -> Result:
-        """Classify a batch ``x`` [B, C, H, W] of raw pixels. Raises edgeexit errors only."""
+    def infer(self, x: np.ndarray | Mapping[str, np.ndarray], *, timeout_s: float | None = None) -> Result:
+        """Classify a batch ``x`` [B, C, H, W] of raw pixels, or, for a model with several inputs, a mapping of
+        every input's name to its batch (``{"input_ids": ids, "attention_mask": mask}``). Raises edgeexit errors
+        only."""
         meta = self.metadata(timeout_s)
+        if isinstance(x, Mapping):
+            return self._send(meta, _named_request(meta, x), timeout_s)
         if len(meta.inputs) != 1:
-            raise ConfigError(f"{meta.name} at {self.target} takes {len(meta.inputs)} inputs; EdgeExitClient "
-                              "talks to an `edgeexit agent`, whose model takes one")
+            raise ConfigError(f"{meta.name} at {self.target} takes {len(meta.inputs)} inputs "
+                              f"{[t.name for t in meta.inputs]}; pass them by name: infer({{name: array, ...}})")
         want = meta.inputs[0]
         x, datatype = _pixels(np.asarray(x))
         shape = list(x.shape)
@@ -152,6 +165,9 @@ class EdgeExitClient:
         req = pb.ModelInferRequest(model_name=meta.name)
         req.inputs.add(name=want.name, datatype=datatype, shape=shape)
         req.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
+        return self._send(meta, req, timeout_s)
+
+    def _send(self, meta: ModelMetadata, req: pb.ModelInferRequest, timeout_s: float | None) -> Result:
         t0 = time.perf_counter()
         resp = self._call("ModelInfer", req, timeout_s)
         seconds = time.perf_counter() - t0
@@ -176,6 +192,34 @@ class EdgeExitClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _named_request(meta: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> pb.ModelInferRequest:
+    """Every input of ``meta`` by name, in its datatype (a safe cast only) and declared shape; InvalidTensor
+    before sending anything otherwise."""
+    names = [t.name for t in meta.inputs]
+    if sorted(inputs) != sorted(names):
+        raise InvalidTensor(f"{meta.name} takes the inputs {names}, got {sorted(inputs)}")
+    req = pb.ModelInferRequest(model_name=meta.name)
+    rows = set()
+    for want in meta.inputs:
+        a = np.asarray(inputs[want.name])
+        dtype = np.dtype(_DTYPES.get(want.datatype, object))
+        # widen within a kind only (uint into int too): uint8 pixels must not pass as FP32 0..255 by the way
+        same_kind = a.dtype.kind == dtype.kind or a.dtype.kind + dtype.kind == "ui"
+        if not (same_kind and np.can_cast(a.dtype, dtype, "safe")):
+            raise InvalidTensor(f"{want.name}: dtype {a.dtype} but the agent takes {want.datatype} (this client only "
+                                "widens ints to ints and floats to floats); cast it first")
+        if a.ndim != len(want.shape) or any(w != -1 and w != d for w, d in zip(want.shape, a.shape, strict=False)):
+            raise InvalidTensor(f"{want.name}: shape {list(a.shape)} does not fit {want.shape} (-1: any size)")
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise InvalidTensor(f"{want.name}: the batch is empty; send at least one row")
+        rows.add(a.shape[0])
+        req.inputs.add(name=want.name, datatype=want.datatype, shape=list(a.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(a, dtype=dtype).tobytes())
+    if len(rows) != 1:
+        raise InvalidTensor(f"the inputs {names} must have the same number of rows, got {sorted(rows)}")
+    return req
 
 
 def _pixels(x: np.ndarray) -> tuple[np.ndarray, str]:

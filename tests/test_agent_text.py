@@ -170,3 +170,26 @@ def test_bad_input_is_invalid_argument_and_the_agent_keeps_serving(device_agent,
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     res = send(client, agent.runtime.model_name, text_inputs(ids, mask))
     assert (res.as_numpy("label") == local_exits(runner, ids, mask)[-1].argmax(1)).all()
+
+
+def test_edgeexit_client_sends_named_inputs(device_agent, runner, texts):
+    from edgeexit.client import EdgeExitClient
+    from edgeexit.errors import ConfigError, InvalidTensor
+
+    agent, _ = device_agent
+    ids, mask = tokenize(texts, SEQ_LENS[1])
+    final = local_exits(runner, ids, mask)[-1]
+    with EdgeExitClient(agent.target) as app:
+        # int32 ids widen to the INT64 the agent lists
+        res = app.infer({"input_ids": ids.astype(np.int32), "attention_mask": mask})
+        np.testing.assert_allclose(res.probabilities, softmax(final), atol=1e-5)
+        assert (res.label == final.argmax(1)).all() and res.decided == [DEVICE] * len(ids)
+        with pytest.raises(ConfigError, match="pass them by name"):
+            app.infer(ids)
+        with pytest.raises(InvalidTensor, match="float32 but the agent takes INT64"):
+            app.infer({"input_ids": ids.astype(np.float32), "attention_mask": mask})
+        with pytest.raises(InvalidTensor, match=r"takes the inputs \['input_ids', 'attention_mask'\]"):
+            app.infer({"input_ids": ids})
+        long = np.ones((1, text_data.MAX_SEQ_LEN + 1), np.int64)
+        with pytest.raises(InvalidTensor, match="at most 512"):  # the agent's refusal, typed
+            app.infer({"input_ids": long, "attention_mask": long})

@@ -128,6 +128,18 @@ class Manifest:
         """Every model input, in forward() order."""
         return [self.input, *self.extra_inputs]
 
+    def example_shape(self, spec: TensorSpec, batch: int) -> list[int]:
+        """``spec``'s shape with ``batch`` rows and every named axis at its example size."""
+        return [batch if d == BATCH else int(self.dims[d]["example"]) if isinstance(d, str) else int(d)
+                for d in spec.shape]
+
+    def input_bytes(self) -> int:
+        """Bytes per sample of the raw input on the wire at the example sizes: 1 per pixel for an image (UINT8),
+        every input in its own dtype for a model with several or integer inputs."""
+        if not self.extra_inputs and self.input.dtype == "float32":
+            return self.input.sample_elements()
+        return sum(t.sample_elements(self.dims) * DTYPE_BYTES[t.dtype] for t in self.inputs)
+
     def carried(self, split: int) -> list[str]:
         """Extra inputs the tail after ``split`` reads (-1: the whole model): they cross with the boundary."""
         read = {t.name for s in self.segments[split + 1:] for t in s.inputs[1:]}

@@ -158,7 +158,7 @@ class Planner:
         # the segment each early exit lives in
         self.exit_segment = [e.segment for e in manifest.exits]
         self.reply_bytes = manifest.num_classes * REPLY_BYTES_PER_CLASS
-        self.input_bytes = manifest.input.sample_elements()  # the raw input as uint8
+        self.input_bytes = manifest.input_bytes()  # the raw input as uint8 pixels, or token ids and mask
 
     @property
     def cloud_ms(self) -> list[float]:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgeexit.bundle import BATCH
 from edgeexit.logs import ProgressBar
 from edgeexit.profiles import LatencyProfile
 from edgeexit.reports import markdown_table
@@ -26,14 +25,26 @@ def _timed(fn, *args) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def _inputs_per_segment(runner: SegmentRunner, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
-    spec = runner.manifest.input
-    shape = [batch if d == BATCH else int(d) for d in spec.shape]
-    x = rng.random(shape, dtype=np.float32)
+def sample_inputs(runner: SegmentRunner, batch: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """Inputs of the bundle's shapes (named axes at their example size) for timing: uniform [0, 1) floats;
+    integer inputs (token ids, masks) all ones, valid for any vocabulary and mask."""
+    m = runner.manifest
+
+    def one(spec):
+        shape = m.example_shape(spec, batch)
+        return rng.random(shape, dtype=np.float32) if spec.dtype == "float32" else np.ones(shape, spec.dtype)
+
+    return one(m.input), ({t.name: one(t) for t in m.extra_inputs} if m.extra_inputs else None)
+
+
+def _inputs_per_segment(runner: SegmentRunner, batch: int, rng: np.random.Generator
+                        ) -> tuple[list[np.ndarray], dict[str, np.ndarray] | None]:
+    x, extras = sample_inputs(runner, batch, rng)
     feeds = [x]
     for k in range(runner.num_segments - 1):
-        feeds.append(runner.run_segment(k, feeds[-1]).boundary)
-    return feeds
+        feeds.append(runner.run_segment(k, feeds[-1], extras).boundary)
+    return feeds, extras
 
 
 def measure_profile(runner: SegmentRunner, batches: Sequence[int] = (1,), repeats: int = 30, warmup: int = 3,
@@ -45,13 +56,13 @@ def measure_profile(runner: SegmentRunner, batches: Sequence[int] = (1,), repeat
     boundaries: list[np.ndarray] = []
     bar = ProgressBar(len(batches) * (repeats + warmup), progress, "profile", unit="round")
     for b in batches:
-        feeds = _inputs_per_segment(runner, b, rng)
+        feeds, extras = _inputs_per_segment(runner, b, rng)
         if b == 1:
             boundaries = feeds[1:]
         times = np.zeros((repeats, runner.num_segments))
         for r in range(-warmup, repeats):
             for k in range(runner.num_segments):
-                t = _timed(runner.run_segment, k, feeds[k])
+                t = _timed(runner.run_segment, k, feeds[k], extras)
                 if r >= 0:
                     times[r, k] = t
             bar.update()
@@ -59,7 +70,7 @@ def measure_profile(runner: SegmentRunner, batches: Sequence[int] = (1,), repeat
         p90[b] = [float(v) for v in np.percentile(times, 90, axis=0)]
     bar.close()
     if not boundaries:
-        boundaries = _inputs_per_segment(runner, 1, rng)[1:]
+        boundaries = _inputs_per_segment(runner, 1, rng)[0][1:]
     enc_ms, dec_ms = _codec_costs(runner, boundaries, repeats)
     return LatencyProfile(runner.backend, runner.threads, median, p90, enc_ms, dec_ms,
                           host=f"{platform.node()} {platform.machine()}")

@@ -232,3 +232,16 @@ def test_the_schema_checks_named_axes(text_bundle):
 
     with pytest.raises(BundleError, match="extra inputs"):
         Manifest.from_dict(bad).check()
+
+
+def test_profile_and_plan_count_every_input(text_bundle):
+    from edgeexit.planner import Planner
+    from edgeexit.profiles import NetworkProfile
+    from edgeexit.runtime.profiling import measure_profile
+
+    m = text_bundle.manifest
+    prof = measure_profile(SegmentRunner(text_bundle), repeats=3, warmup=1)
+    assert len(prof.segment_ms[1]) == len(m.segments) and all(v > 0 for v in prof.segment_ms[1])
+    planner = Planner(m, prof, prof)
+    assert planner.input_bytes == 2 * 6 * 8  # ids and mask, int64, at the example length
+    assert planner.plan(NetworkProfile("x", 10.0, 10.0, 5.0)).choice is not None

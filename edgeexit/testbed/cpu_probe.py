@@ -38,14 +38,13 @@ def numpy_workload() -> Callable[[], object]:
 
 def bundle_workload(bundle: str) -> Callable[[], object]:
     """Every segment of a bundle on one random input (batch 1, one thread): what a device-only request runs."""
-    from edgeexit.bundle import BATCH
+    from edgeexit.runtime.profiling import sample_inputs
     from edgeexit.runtime.runner import SegmentRunner
 
     runner = SegmentRunner(bundle, threads=1)
-    spec = runner.manifest.input
-    shape = [1 if d == BATCH else int(d) for d in spec.shape]
-    x = runner.normalize(np.random.default_rng(0).random(shape, dtype=np.float32))
-    return lambda: runner.run(x)
+    x, extras = sample_inputs(runner, 1, np.random.default_rng(0))
+    x = runner.normalize(x)
+    return lambda: runner.run(x, extras=extras)
 
 
 def _home_procs() -> Path:

@@ -193,3 +193,21 @@ def test_edgeexit_client_sends_named_inputs(device_agent, runner, texts):
         long = np.ones((1, text_data.MAX_SEQ_LEN + 1), np.int64)
         with pytest.raises(InvalidTensor, match="at most 512"):  # the agent's refusal, typed
             app.infer({"input_ids": long, "attention_mask": long})
+
+
+def test_micro_batching_leaves_text_requests_of_other_lengths_apart(minilm_bundle, runner, texts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    opts = AgentOptions(DeviceOptions(policy="never", split="device"), listen="127.0.0.1:0", micro_batch_rows=8)
+    agent = Agent(minilm_bundle, opts).start()
+    client = tc.InferenceServerClient(agent.target)
+    batches = [tokenize(texts[i % 4:i % 4 + 2], seq) for i, seq in enumerate((8, 12, 20, 12, 33, 40))]
+    try:
+        with ThreadPoolExecutor(len(batches)) as pool:
+            answers = list(pool.map(lambda b: send(client, agent.runtime.model_name, text_inputs(*b)), batches))
+    finally:
+        client.close()
+        agent.stop()
+    for (ids, mask), res in zip(batches, answers, strict=True):
+        np.testing.assert_allclose(res.as_numpy("probabilities"), softmax(local_exits(runner, ids, mask)[-1]),
+                                   atol=1e-5)

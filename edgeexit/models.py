@@ -28,15 +28,21 @@ FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 
 
-def build(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """Build a reference early-exit model by name (one of :data:`ARCHS`)."""
+def build(arch: str, num_classes: int = 10, in_channels: int = 1, seed: int | None = None) -> nn.Module:
+    """Build a reference early-exit model by name (one of :data:`ARCHS`). ``seed``: initialise its weights from
+    that seed (the global RNG is left as it was); None draws them from the global RNG, whose state depends on
+    everything that ran before in the process (a test session, a benchmark)."""
     from edgeexit.errors import ConfigError
 
     if arch not in _BUILDERS:
         raise ConfigError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
     if num_classes < 2 or in_channels < 1:
         raise ConfigError(f"need num_classes >= 2 and in_channels >= 1, got {num_classes} and {in_channels}")
-    return _BUILDERS[arch](num_classes, in_channels)
+    if seed is None:
+        return _BUILDERS[arch](num_classes, in_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BUILDERS[arch](num_classes, in_channels)
 
 
 class Normalize(nn.Module):

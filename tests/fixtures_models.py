@@ -39,7 +39,7 @@ def train_cached_resnet() -> Path:
     tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.pt2")
     opts = TrainOptions(epochs=FIXTURE_TRAINING["epochs"], limit=FIXTURE_TRAINING["limit"],
                         seed=FIXTURE_TRAINING["seed"], progress=False, threads=FIXTURE_TRAINING["threads"], out=tmp)
-    train(build(FIXTURE_TRAINING["arch"]), "fashion-mnist", options=opts)
+    train(build(FIXTURE_TRAINING["arch"], seed=FIXTURE_TRAINING["seed"]), "fashion-mnist", options=opts)
     # state_dict first: a visible .pt2 always has its state_dict (concurrent sessions may race; both are fine).
     os.replace(state_dict_path(tmp), state_dict_path(out))
     os.replace(tmp, out)

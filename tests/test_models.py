@@ -106,3 +106,16 @@ def test_camera_resnet_is_a_camera_class_workload():
     assert camera[0] <= 0.10 * camera[-1]
     params = sum(p.numel() for p in build("camera-resnet").parameters())
     assert params * 4 <= 10e6  # the trained .pt2 ships in the repository (<= 10 MB)
+
+
+def test_build_with_a_seed_is_reproducible_and_leaves_the_global_rng_alone():
+    import torch
+
+    from edgeexit.models import build
+
+    state = torch.random.get_rng_state()
+    a, b = build("resnet-exits", seed=3), build("resnet-exits", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    c = build("resnet-exits", seed=4)
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True))

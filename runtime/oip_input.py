@@ -77,7 +77,10 @@ def decode_inputs(request: InferRequest, model: str, specs: Sequence[TensorSpec]
             out.append(decode_input(single, model, spec.name, datatypes, shape=spec.shape, max_bytes=max_bytes,
                                     copy=copy))
             continue
-        x = codec.decode_as_is(t.data, t.datatype, dims, spec.dtype, t.params, max_bytes=max_bytes)
+        try:
+            x = codec.decode_as_is(t.data, t.datatype, dims, spec.dtype, t.params, max_bytes=max_bytes)
+        except InvalidTensor as e:
+            raise InvalidTensor(f"{spec.name}: {e}") from None
         if x.ndim > 0 and x.shape[0] == 0:
             raise InvalidTensor(f"{spec.name}: the batch is empty; send at least one row")
         out.append(x)

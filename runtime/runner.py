@@ -58,9 +58,13 @@ def check_axes(feeds: dict[str, np.ndarray], specs: Sequence[TensorSpec], dims: 
             raise InvalidTensor(f"input {spec.name!r} is missing; this model takes {[t.name for t in specs]}")
         x = feeds[spec.name]
         check_tensor(x, spec)
+        if x.dtype.kind == "i" and x.size and x.min() < 0:  # token ids and masks: a negative one is a mistake
+            raise InvalidTensor(f"{spec.name}: holds negative values ({int(x.min())}); ids and masks are >= 0")
         for axis, n in zip(spec.shape, x.shape, strict=True):
             if not isinstance(axis, str):
                 continue
+            if n == 0:
+                raise InvalidTensor(f"{spec.name}: its {axis!r} axis is empty; send at least one element")
             if axis in sizes and sizes[axis][0] != n:
                 raise InvalidTensor(f"{spec.name}: its {axis!r} axis is {n} long but {sizes[axis][1]}'s is "
                                     f"{sizes[axis][0]}; they must match")
@@ -107,6 +111,26 @@ def _caller(sess: SegmentSession) -> tuple[Callable, list[str] | None]:
     if fn is not None:
         return fn, list(sess.output_names)
     return (lambda _names, feeds, _opts: sess.run(feeds)), None
+
+
+def _index_errors(fn: Callable, specs: Sequence[TensorSpec]) -> Callable:
+    """``fn`` with onnxruntime's refusal of an out-of-range index (a token id past the vocabulary, which a
+    Gather cannot look up) raised as InvalidTensor: the caller's mistake, not the server's. Only segments that
+    take integer inputs pay for the extra frame."""
+    names = [t.name for t in specs if t.dtype.startswith("int")]
+
+    def run(out_names, feeds, opts):
+        try:
+            return fn(out_names, feeds, opts)
+        except InvalidTensor:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            if "out of bounds" in str(e) or "out of range" in str(e) or "indices" in str(e).lower():
+                raise InvalidTensor(f"{', '.join(names)}: a value is outside what the model can look up (e.g. a "
+                                    "token id past the vocabulary); use the model's own tokenizer") from None
+            raise
+
+    return run
 
 
 def normalize(x: np.ndarray, norm: dict[str, list[float]] | None) -> np.ndarray:
@@ -196,7 +220,10 @@ class SegmentRunner:
         if step is None:
             seg = self.manifest.segments[k]
             sess = self.session(k)
-            step = self._steps[k] = _Step(*_caller(sess), seg.inputs[0].name, tuple(seg.exits),
+            fn, names = _caller(sess)
+            if any(t.dtype.startswith("int") for t in seg.inputs):
+                fn = _index_errors(fn, seg.inputs)
+            step = self._steps[k] = _Step(fn, names, seg.inputs[0].name, tuple(seg.exits),
                                           k < self.num_segments - 1, _checker(seg.inputs[0]),
                                           tuple(t.name for t in seg.inputs[1:]))
         return step

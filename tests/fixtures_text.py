@@ -66,7 +66,7 @@ def minilm_bundle(minilm_pt2: Path) -> Path:
     out = CACHE_DIR / f"minilm_exits_{_key()}.edgeexit"
     if not out.is_dir():
         tmp = out.with_name(f"{out.stem}.tmp{os.getpid()}.edgeexit")
-        export_model(minilm_pt2, tmp, options=ExportOptions(calibration_data="stdlib-docstrings",
+        export_model(minilm_pt2, tmp, options=ExportOptions(calibration_data="stdlib-docstrings", name="minilm_exits",
                                                             calibration_samples=100, progress=False, force=True))
         if out.is_dir():  # another session won the race: both are the same export
             shutil.rmtree(tmp)

@@ -80,6 +80,9 @@ def test_device_to_service_equals_the_local_run(minilm_bundle, split, encoding):
     (lambda ids, mask: (ids, mask[:, :-3]), "must match"),
     (lambda ids, mask: (np.ones((1, 513), np.int64), np.ones((1, 513), np.int64)), "at most 512"),
     (lambda ids, mask: (ids, None), "'attention_mask' is missing"),
+    (lambda ids, mask: (ids - 200, mask), "negative values"),
+    (lambda ids, mask: (ids + 40000, mask), "past the vocabulary"),
+    (lambda ids, mask: (ids[:, :0], mask[:, :0]), "axis is empty"),
 ])
 def test_bad_input_is_a_clear_error(minilm_bundle, change, message):
     ids, mask = change(*texts(2, 16))

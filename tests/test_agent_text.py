@@ -156,11 +156,13 @@ def _bad_inputs(ids: np.ndarray, mask: np.ndarray) -> dict[str, tuple[list, str]
         "missing mask": ([("input_ids", ids, "INT64")], r"takes the inputs \['input_ids', 'attention_mask'\]"),
         "unknown input": ([*text_inputs(ids, mask), ("token_type_ids", np.zeros_like(ids), "INT64")],
                           "token_type_ids"),
+        "id past the vocabulary": (text_inputs(ids + 40000, mask), "past the vocabulary"),
+        "negative id": (text_inputs(ids - 40000, mask), "negative values"),
     }
 
 
 @pytest.mark.parametrize("case", ["ids as FP32", "mask shape", "mask rows", "too long", "missing mask",
-                                  "unknown input"])
+                                  "unknown input", "id past the vocabulary", "negative id"])
 def test_bad_input_is_invalid_argument_and_the_agent_keeps_serving(device_agent, runner, texts, case):
     agent, client = device_agent
     ids, mask = tokenize(texts, SEQ_LENS[0])

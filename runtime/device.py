@@ -37,7 +37,8 @@ from edgeexit.runtime import breaker, codec, splits
 from edgeexit.runtime.adaptation import Adapter, AdaptOptions, Choice, build_adapter
 from edgeexit.runtime.breaker import HALF_OPEN, OPEN, BreakerOptions, CircuitBreaker, RetryOptions, call_with_retries
 from edgeexit.runtime.cloud_health import CloudHealth, HealthChecker
-from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK, to_codes
+from edgeexit.runtime.decided import CLOUD, DEVICE, FALLBACK
+from edgeexit.runtime.device_result import Latency, Result
 from edgeexit.runtime.link_monitor import LinkMonitor, network_seconds
 from edgeexit.runtime.link_stats import LinkStats
 from edgeexit.runtime.pending import Pending, decide
@@ -114,32 +115,6 @@ class DeviceOptions:
     def adapt_options(self) -> AdaptOptions:
         """What the adapter behind ``split="auto"`` needs from these options."""
         return AdaptOptions(mode=self.adapt, network=self.network, slowdown=self.slowdown, encoding=self.encoding)
-
-
-@dataclass
-class Latency:
-    device_ms: float = 0.0  # segment compute on the device (fallback compute included)
-    encode_ms: float = 0.0
-    network_ms: float = 0.0  # offload call wall time, minus the cloud's queue + compute when the server reports it
-    cloud_ms: float | None = None  # the server's reported queue + compute; None: not reported (inside network_ms)
-    total_ms: float = 0.0
-
-
-@dataclass
-class Result:
-    labels: np.ndarray  # int64 [B]
-    probabilities: np.ndarray  # float32 [B, C]
-    exits: np.ndarray  # int32 [B]: the exit head that answered each row
-    decided: list[str]  # per row: "device" | "cloud" | "device-fallback"
-    latency: Latency
-    bytes_sent: int = 0
-    fallback_reason: str | None = None  # set when rows fell back
-    split: int | str | None = None  # the split this request ran with
-    codes: np.ndarray | None = None  # int32 [B]: ``decided`` as the agent's codes, when the runtime has them
-
-    @property
-    def decided_codes(self) -> np.ndarray:
-        return self.codes if self.codes is not None else to_codes(self.decided)
 
 
 class DeviceRuntime:
@@ -383,13 +358,8 @@ class DeviceRuntime:
         """``x`` as float32 if it is a non-empty finite batch of the bundle's input shape, else InvalidTensor
         (the agent checks each app's tensor before micro-batching it with others'). A multi-input model's
         inputs are checked together, as they are (dtypes, shapes, named axes: ``runner.check_axes``)."""
-        m = self.manifest
-        if extras is not None or m.extra_inputs or m.input.dtype != "float32":
-            if not isinstance(x, np.ndarray) or x.ndim == 0 or x.shape[0] == 0:
-                raise InvalidTensor(f"input {m.input.name!r}: send a non-empty batch of {m.input.shape}")
+        if extras is not None or self.manifest.extra_inputs or self.manifest.input.dtype != "float32":
             self.runner.check_inputs(x, dict(extras or {}))
-            if any(len(a) != len(x) for a in (extras or {}).values()):
-                raise InvalidTensor(f"every input must have the {len(x)} rows of {m.input.name!r}")
             return x
         x = np.asarray(x)
         if x.dtype != np.float32:

@@ -50,14 +50,17 @@ def check_tensor(x: np.ndarray, spec: TensorSpec) -> None:
 
 
 def check_axes(feeds: dict[str, np.ndarray], specs: Sequence[TensorSpec], dims: dict[str, dict[str, int]]) -> None:
-    """Raise InvalidTensor unless every input has its spec's dtype and shape, each named axis has one size
-    across the inputs (a mask as long as its input_ids) and no named axis is longer than the bundle allows."""
+    """Raise InvalidTensor unless every input has its spec's dtype and shape (a non-empty batch), each named axis
+    (the batch too) has one size across the inputs (a mask as long as its input_ids) and no named axis is longer
+    than the bundle allows."""
     sizes: dict[str, tuple[int, str]] = {}
     for spec in specs:
         if spec.name not in feeds:
             raise InvalidTensor(f"input {spec.name!r} is missing; this model takes {[t.name for t in specs]}")
         x = feeds[spec.name]
         check_tensor(x, spec)
+        if x.ndim == 0 or len(x) == 0:
+            raise InvalidTensor(f"{spec.name}: the batch is empty; send at least one row")
         if x.dtype.kind == "i" and x.size and x.min() < 0:  # token ids and masks: a negative one is a mistake
             raise InvalidTensor(f"{spec.name}: holds negative values ({int(x.min())}); ids and masks are >= 0")
         for axis, n in zip(spec.shape, x.shape, strict=True):

@@ -37,7 +37,6 @@ wire, ~2% of an int8 384-wide row.
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +48,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 PT2 = ROOT / "artifacts" / "minilm_exits.pt2"
 WORK = ROOT / "artifacts" / "bench_transformer"
-PREBUILT = Path("/tmp/minilm.edgeexit")  # a bundle the lead exported from PT2 (copied, never modified)
 SEQS = (32, 128)
 MID_SPLIT = 3  # after layer 3 of 6
 QUANT_SPLITS = (0, 1, 2, 3, 4, 5, 6)  # every split point
@@ -59,7 +57,7 @@ TRAIN_CMD = ["-m", "edgeexit", "train", "--arch", "minilm-exits", "--dataset", "
 
 def ensure_minilm(pt2: Path | None = None) -> tuple[Path, Path]:
     """(the .pt2, its bundle): the given/cached .pt2 (else trained with TRAIN_CMD), the cached bundle when newer
-    than the .pt2, else a copy of PREBUILT when newer, else exported (int8 scales from 200 training texts)."""
+    than the .pt2, else exported (int8 scales from 200 val texts)."""
     if pt2 is None:
         pt2 = PT2
         if not pt2.is_file():
@@ -73,10 +71,6 @@ def ensure_minilm(pt2: Path | None = None) -> tuple[Path, Path]:
         return (b / "manifest.json").is_file() and (b / "manifest.json").stat().st_mtime >= pt2.stat().st_mtime
 
     if fresh(out):
-        return pt2, out
-    if pt2 == PT2 and fresh(PREBUILT):
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(PREBUILT, out)
         return pt2, out
     from edgeexit.exporters import ExportOptions, export_model
 

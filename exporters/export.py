@@ -183,7 +183,9 @@ def _write_segments(cut: _Cut, root: Path, opts: ExportOptions, real: tuple[np.n
         names = ["input"]
     axes = _axis_names(traced) if traced.multi else {}
     samples = _segment_inputs(segments, sample, names)
-    seg_real = _segment_inputs(segments, tuple(torch.from_numpy(r) for r in real), names) if real else None
+    tflite = "tflite" in opts.formats and not traced.multi
+    seg_real = _segment_inputs(segments, tuple(torch.from_numpy(r) for r in real), names) if real and tflite \
+        else None  # what each TFLite segment calibrates on
     batch_kind = "dynamic" if traced.dynamic_batch else f"fixed:{batch}"
     # specs from the traced graph's symbols, before any ONNX export re-traces (and re-annotates) a segment
     in_specs = [[_spec(name, n, axes) for name, n in zip(seg.input_names, _placeholders(seg.module), strict=True)]
@@ -197,7 +199,7 @@ def _write_segments(cut: _Cut, root: Path, opts: ExportOptions, real: tuple[np.n
         export_onnx_segment(seg, samples[seg.index], root / rel, opts.opset, traced.dynamic_batch,
                             [t.shape for t in in_specs[seg.index]] if traced.multi else None, traced.dims)
         files = {"onnx": file_entry(root, rel, batch=batch_kind)}
-        if "tflite" in opts.formats and not traced.multi:
+        if tflite:
             log(f"segment {seg.index}: TFLite {['fp32', *opts.quantize]}")
             files.update(_tflite(seg, samples[seg.index][0], root, opts,
                                  seg_real[seg.index][0] if seg_real else None))

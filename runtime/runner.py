@@ -232,7 +232,7 @@ class SegmentRunner:
         return step
 
     def _feeds(self, step: _Step, x: np.ndarray, extras: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """The step's feeds: ``x`` and the extra inputs it reads (checked against each other here, once)."""
+        """The step's feeds: ``x`` and the extra inputs it reads, from ``extras``."""
         if not step.carried:
             return {step.name: x}
         feeds = {step.name: x}

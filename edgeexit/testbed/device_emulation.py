@@ -32,6 +32,7 @@ from edgeexit.emulation import Emulation
 from edgeexit.errors import ConfigError
 from edgeexit.profiles import DeviceClass, load_device_class
 from edgeexit.testbed import cpu_quota
+from edgeexit.testbed.cpu_probe import NUMPY_ITERATIONS
 from edgeexit.testbed.cpu_quota import CpuCgroup, Quota
 
 CHOICES = ("auto", "cgroup", "stretch")
@@ -163,7 +164,7 @@ def _probe(group: CpuCgroup, options: CalibrationOptions) -> float:
 
 def _workload_key(workload: Path | None) -> str:
     if workload is None:
-        return "numpy"
+        return f"numpy-{NUMPY_ITERATIONS}"  # a cache entry of another probe length does not apply
     manifest = Path(workload) / "manifest.json"
     if not manifest.is_file():
         raise ConfigError(f"calibration workload {workload} is not a bundle (no manifest.json)")

@@ -227,8 +227,10 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     grid = [(d, n) for d in o.devices for n in o.networks]
     # The longest conditions first, so the pool ends together; each condition has its own processes.
     grid.sort(key=lambda dn: -expected_seconds(manifest, dn[0], dn[1], len(x)))
-    for d in o.devices:  # calibrate each class's CPU quota now, one at a time, before anything else runs
-        resolve_emulation(d, o.emulation, CalibrationOptions(workload=Path(bundle)))
+    # Calibrate each class's CPU quota now, one at a time, before anything else runs. Always afresh: how much a
+    # quota slows a request drifted on this VM within hours (a cached quota slowed it x3.9 instead of x5.7).
+    for d in o.devices:
+        resolve_emulation(d, o.emulation, CalibrationOptions(workload=Path(bundle), refresh=True))
     runs: dict[tuple[str, str], ConditionRun] = {}
     with ProgressBar(len(grid) * per_condition * len(x), o.progress, "bench", unit="req") as bar:
         lock = threading.Lock()

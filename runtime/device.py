@@ -198,6 +198,11 @@ class DeviceRuntime:
         x = self.runner.normalize(raw) if extras is None else raw
         # One split (and exit setting) per request: concurrent requests never see a change half-way.
         choice = self.adapter.pick() if self.adapter is not None else Choice(self.split)
+        if choice.split != self.split:
+            est = self.monitor.stats.estimate()  # what the move was made on, for whoever reads the log
+            self._emit("split", old=self.split, new=choice.split, setting=choice.setting,
+                       link_mbit=est.bandwidth_bps and round(est.bandwidth_bps / 1e6, 2),
+                       rtt_ms=est.rtt_s and round(est.rtt_s * 1e3, 1), samples=est.samples)
         split = self.split = choice.split
         lat = Latency()
         pend = Pending(raw, self.num_classes, self._policies.policy(choice.setting, choice.thresholds), extras)

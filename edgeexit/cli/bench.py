@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.add_argument("--out", default="benchmarks/results", help="where bench.json/.md/.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--logs", help="keep every process's log (agents' split moves, probes, fallbacks) in this "
+                                  "folder, one subfolder per condition")
     p.set_defaults(func=run)
 
 
@@ -46,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     bench.bench(BenchOptions(bundle=Path(args.bundle), devices=names(args.devices), networks=names(args.networks),
                              samples=args.samples, warmup=args.warmup, deadline_ms=args.deadline_ms,
                              emulation=args.emulation, bandit=not args.no_bandit, parallel=args.parallel,
-                             out=Path(args.out), progress=not args.no_progress, seed=args.seed))
+                             out=Path(args.out), progress=not args.no_progress, seed=args.seed,
+                             logs=Path(args.logs) if args.logs else None))
     return 0

@@ -64,6 +64,7 @@ class BenchOptions:
     out: Path = Path("benchmarks/results")
     progress: bool = True
     seed: int = 0
+    logs: Path | None = None  # keep every process's log here, one folder per condition (default: discarded)
 
     def __post_init__(self) -> None:
         if self.samples < 2 or self.warmup < 0 or self.deadline_ms <= 0 or self.parallel < 1:
@@ -171,8 +172,12 @@ def run_one(o: BenchOptions, device: str, network: str, x: Any, y: Any, bar: Any
     strategies = [*statics, *([] if same else [ns]), Strategy("edgeexit", "auto", encoding="int8")]
     if o.bandit:
         strategies.append(Strategy("bandit", "auto", adapt="bandit", encoding="int8"))
+    log_dir = None
+    if o.logs is not None:
+        log_dir = Path(o.logs) / f"{device}-{network}"
+        log_dir.mkdir(parents=True, exist_ok=True)
     with Testbed(TestbedOptions(o.bundle, device, emulation=o.emulation, warmup=o.warmup, warmup_fresh=o.warmup,
-                                deadline_ms=o.deadline_ms)) as bed:
+                                deadline_ms=o.deadline_ms, log_dir=log_dir)) as bed:
         run.emulation = bed.emulation.to_dict()
         run.rows = run_condition(bed, strategies, Condition.from_network(net), x, y, on_request=bar)
     if same:  # neurosurgeon IS that static strategy: the same agent, the same rows

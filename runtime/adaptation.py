@@ -165,7 +165,11 @@ class PlannerAdapter:
             moved = False
             if est.bandwidth_bps is not None and est.samples >= self.options.min_samples:
                 bw = est.bandwidth_bps / 1e6
-                moved = not self.network.up_mbit / (1 + h) <= bw <= self.network.up_mbit * (1 + h)
+                # The bandwidth, or the time the raw input takes (where the RTT dominates a fast link), moved.
+                net = self.network
+                planned = net.rtt_ms / 1e3 + 8 * self.planner.input_bytes / (net.up_mbit * 1e6)
+                ratio = est.transfer_s(round(self.planner.input_bytes)) / planned
+                moved = not (net.up_mbit / (1 + h) <= bw <= net.up_mbit * (1 + h) and 1 / (1 + h) <= ratio <= 1 + h)
             if not moved and not self._stale:
                 return self.choice
             if moved:

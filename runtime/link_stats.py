@@ -6,7 +6,12 @@ recent samples we fit it with the Theil-Sen estimator (median of pairwise slopes
 ignores up to ~29% outliers (a GC pause, a retransmit burst) where a mean or least squares would not. When
 every sample has the same size the two terms cannot be separated: RTT then comes from explicit probes
 (``record_rtt``, e.g. timing ``client.ready()``) and the bandwidth is the median of ``bytes / (time - rtt)``.
-The fitted values are smoothed with an EWMA so a single window shift does not make the planner flap.
+The RTT is the fastest of the last ``RTT_WINDOW`` probes, and never more than the fastest offloads: a probe
+that waited for the device's CPU (a loading agent, a throttled one) times that wait too, and the bytes of an
+offload cannot cross faster than the RTT. On an emulated Raspberry Pi the probes read 35-66 ms on an 8-20 ms
+link, the planner priced every offload 30-50 ms too high and the agent ran device-only where offloading was
+twice as fast (`edgeexit bench --logs`).
+The fitted bandwidth is smoothed with an EWMA so a single window shift does not make the planner flap.
 
 A real change of the link (a handover, congestion) must not take a whole window to show, though: when
 ``SHIFT_RUN`` samples in a row take more than ``SHIFT_FACTOR`` times longer (or shorter) than the estimate
@@ -26,6 +31,9 @@ import numpy as np
 _MIN_SIZE_RATIO = 1.05
 SHIFT_RUN = 3
 SHIFT_FACTOR = 1.6
+RTT_WINDOW = 8  # RTT probes kept; the estimate is their minimum
+# The offloads' network times cap the RTT at this quantile (not the minimum: one glitched sample must not pull it).
+RTT_CAP_QUANTILE = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class LinkStats:
         if not 0.0 < smoothing <= 1.0:
             raise ValueError("smoothing must be in (0, 1]")
         self._samples: deque[tuple[float, float]] = deque(maxlen=window)
-        self._rtts: deque[float] = deque(maxlen=window)
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._smoothing = smoothing
         self._bw: float | None = None
         self._rtt: float | None = None
@@ -97,7 +105,7 @@ class LinkStats:
 
     def _update(self) -> None:
         bw, rtt = _fit(list(self._samples), list(self._rtts))
-        self._rtt = _ewma(self._rtt, rtt, self._smoothing)
+        self._rtt = rtt if rtt is not None else self._rtt  # a minimum and a cap: steady without smoothing
         self._bw = _ewma(self._bw, bw, self._smoothing)
 
 
@@ -109,16 +117,17 @@ def _ewma(old: float | None, new: float | None, alpha: float) -> float | None:
 
 def _fit(samples: list[tuple[float, float]], rtts: list[float]) -> tuple[float | None, float | None]:
     """(bandwidth bits/s, rtt s) from the window; either may be None."""
-    probe_rtt = float(np.median(rtts)) if rtts else None
+    probe_rtt = min(rtts) if rtts else None  # waiting for a CPU only ever adds to a probe
     if not samples:
         return None, probe_rtt
     b = np.array([s[0] for s in samples])
     t = np.array([s[1] for s in samples])
+    cap = float(np.quantile(t, RTT_CAP_QUANTILE))  # no offload crossed faster than the RTT
     slope = _theil_sen_slope(b, t)
     if slope is not None and slope > 0:
         rtt = probe_rtt if probe_rtt is not None else max(float(np.median(t - slope * b)), 0.0)
-        return 8.0 / slope, rtt
-    rtt = probe_rtt if probe_rtt is not None else 0.0
+        return 8.0 / slope, min(rtt, cap)
+    rtt = min(probe_rtt, cap) if probe_rtt is not None else 0.0
     # An offload cannot take less than the RTT, so a sample at or below it says the probed RTT is stale (timed
     # while the process was busy, or the path got shorter) and the bytes crossed fast: its transfer time is
     # floored at a tenth of the sample rather than dropped (dropping every sample left no estimate at all, and an

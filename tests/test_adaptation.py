@@ -137,6 +137,31 @@ def test_a_stale_rtt_above_the_samples_still_shows_a_recovered_link():
     assert est.transfer_s(nbytes) < 0.0065 * 1.5  # the planner's prediction stays near what was measured
 
 
+def test_the_rtt_is_the_fastest_probe_and_no_slower_than_the_offloads():
+    # Seen in `edgeexit bench --logs` on an emulated Raspberry Pi (a CPU quota): RTT probes timed while the agent
+    # loaded or after a probe had spent its CPU budget read 35-66 ms on an 8 ms link, every offload was priced
+    # 30-50 ms too high and the agent went device-only where offloading was twice as fast.
+    link = LinkStats()
+    for rtt in (0.050, 0.008, 0.040):
+        link.record_rtt(rtt)
+    assert link.estimate().rtt_s == pytest.approx(0.008)  # waiting for a CPU only adds: the fastest probe
+    slow = LinkStats()
+    slow.record_rtt(0.035)
+    for i in range(12):
+        slow.record(9216, 0.012 + 0.0005 * (i % 3))  # the offloads themselves cross in 12-13 ms
+    est = slow.estimate()
+    assert est.rtt_s <= 0.0125
+    assert est.transfer_s(9216) == pytest.approx(0.0125, rel=0.2)  # priced as measured, not 35 ms + transfer
+
+
+def test_an_rtt_change_at_the_same_bandwidth_re_plans():
+    adapter, link, manifest = _adapter()
+    assert adapter.network.rtt_ms == 5
+    _feed(link, manifest, 1, 50.0, 8, rtt_s=0.2)  # bandwidth within the band, the round trip 40x longer
+    adapter.plan()
+    assert adapter.replans == 1 and adapter.network.rtt_ms == pytest.approx(200, rel=0.05)
+
+
 def _cloud_result(rows: int, bytes_sent: int, cloud_ms: float | None):
     return SimpleNamespace(decided=["cloud"] * rows, bytes_sent=bytes_sent,
                            latency=SimpleNamespace(cloud_ms=cloud_ms))

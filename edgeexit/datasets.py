@@ -270,3 +270,42 @@ def _validate_xy(path: Path, x: np.ndarray, y: np.ndarray) -> None:
         raise ConfigError(f"{path}: x must be finite and in [0, 1]; scale the pixels (e.g. / 255)")
     if y.min() < 0:
         raise ConfigError(f"{path}: labels must be 0..K-1, found {int(y.min())}")
+
+
+def load_named(path: str | Path, names: list[str], split: str, limit: int | None = None
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A user's .npz for a model with several inputs: one array per input ``names`` (rows first, as saved) and
+    the labels ``y``; ``split`` carves it like an ``x``/``y`` file (``all``: every row). The model-specific
+    checks (dtypes, shapes) are the caller's, which knows the model."""
+    path = Path(path)
+    if split not in (*SPLITS, WHOLE):
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (or {WHOLE!r} for the whole file)")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"limit must be a positive number of samples, got {limit}")
+    if not path.is_file():
+        raise ConfigError(f"dataset file {path} not found: give an existing .npz")
+    wanted = [*names, "y"]
+    saved = "np.savez(path, " + ", ".join(f"{n}=..." for n in wanted) + ")"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [n for n in wanted if n not in f.files]
+            if missing:
+                raise ConfigError(f"{path} lacks {missing} (found {f.files}); this model takes one array per input "
+                                  f"and the labels: save it with {saved}")
+            arrays = {n: f[n] for n in wanted}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} as a .npz ({e}): save it with {saved}") from e
+    y = arrays.pop("y")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise ConfigError(f"{path}: y must hold integer class labels 0..K-1 as [N], got {y.dtype} {list(y.shape)}")
+    rows = {n: len(a) if a.ndim else 0 for n, a in arrays.items()}
+    if any(r != len(y) for r in rows.values()):
+        raise ConfigError(f"{path}: every array needs one row per label ({len(y)} labels); rows per array: {rows}")
+    if len(y) < 10:
+        raise ConfigError(f"{path}: only {len(y)} samples; need at least 10 to carve train/val/test")
+    if split != WHOLE:
+        idx = _split_indices(len(y), {"test": max(1, len(y) // 5), "val": max(1, len(y) // 10)})[split]
+        arrays, y = {n: a[idx] for n, a in arrays.items()}, y[idx]
+    if limit is not None:
+        arrays, y = {n: a[:limit] for n, a in arrays.items()}, y[:limit]
+    return arrays, y.astype(np.int64, copy=False)

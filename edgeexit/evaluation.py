@@ -82,6 +82,12 @@ def load_for_bundle(manifest: Any, data: str, split: str, limit: int | None = No
     ``datasets.load`` gives them) for an image model; for a model fed token ids, a text set tokenised to
     ``seq_len_for(manifest, seq_len)`` tokens as ``ModelInputs(input_ids, {"attention_mask": ...})``."""
     tokens = takes_tokens(manifest)
+    if datasets.is_user_file(data) and (tokens or manifest.extra_inputs):
+        if seq_len is not None:
+            raise ConfigError(f"--seq-len is for the built-in text sets; the rows of {data} are used as saved")
+        arrays, y = datasets.load_named(data, [t.name for t in manifest.inputs], split, limit)
+        first, *rest = _fit_inputs(manifest, data, arrays)
+        return ModelInputs(first, dict(zip([t.name for t in manifest.extra_inputs], rest, strict=True))), y
     if datasets.is_text(data):
         if not tokens:
             sets = ", ".join(datasets.DATASETS)
@@ -103,6 +109,44 @@ def load_for_bundle(manifest: Any, data: str, split: str, limit: int | None = No
     if seq_len is not None:
         raise ConfigError(f"--seq-len is for text sets ({', '.join(datasets.TEXT_DATASETS)}); {data!r} is images")
     return datasets.load(data, split, limit)
+
+
+def data_seq_len(manifest: Any, data: str, x: Inputs, seq_len: int | None = None) -> int | None:
+    """Tokens per row of what ``load_for_bundle`` gave a text model (None for images): a user file's as saved."""
+    if not takes_tokens(manifest):
+        return None
+    if datasets.is_user_file(data):
+        return int(x.x.shape[1]) if x.x.ndim == 2 else None
+    return seq_len_for(manifest, seq_len)
+
+
+def _fit_inputs(manifest: Any, data: str, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Each model input's array from a user file, in the model's dtype (a safe cast only) and shape: ConfigError
+    naming the array and what the model takes otherwise."""
+    out, sizes = [], {}  # sizes: symbolic dim -> (size, input that set it)
+    for t in manifest.inputs:
+        a, want = arrays[t.name], np.dtype(t.dtype)
+        if want.kind in "iu" and a.dtype.kind not in "iu":
+            raise ConfigError(f"{data}: {t.name} is {a.dtype}, {manifest.name} takes integer {want} (token ids)")
+        if not np.can_cast(a.dtype, want, "same_kind" if want.kind == "f" else "safe"):
+            raise ConfigError(f"{data}: {t.name} is {a.dtype}, which does not convert safely to {want}")
+        if a.ndim != len(t.shape):
+            raise ConfigError(f"{data}: {t.name} has shape {list(a.shape)}, {manifest.name} takes {list(t.shape)}")
+        for axis, (dim, n) in enumerate(zip(t.shape[1:], a.shape[1:], strict=True), 1):
+            if isinstance(dim, int) and n != dim:
+                raise ConfigError(f"{data}: {t.name} has {n} on axis {axis}, {manifest.name} takes exactly {dim}")
+            if isinstance(dim, str):
+                hi = manifest.dims.get(dim, {}).get("max")
+                if hi is not None and n > int(hi):
+                    unit = " tokens per row; truncate the rows" if want.kind in "iu" else ""
+                    raise ConfigError(f"{data}: {t.name} has {n} on axis {dim!r}, {manifest.name} takes at most "
+                                      f"{hi}{unit}")
+                seen = sizes.setdefault(dim, (n, t.name))
+                if seen[0] != n:
+                    raise ConfigError(f"{data}: {t.name} has {n} on axis {dim!r} but {seen[1]} has {seen[0]}; "
+                                      "inputs that share an axis need the same size (pad or truncate both alike)")
+        out.append(np.ascontiguousarray(a, dtype=want))
+    return out
 
 
 @dataclass

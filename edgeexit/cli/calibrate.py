@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.bundle import Bundle
     from edgeexit.calibration import MAX_PARETO_EXITS, CalibrationOptions, calibrate, check_split
     from edgeexit.early_exit import collect_logits
-    from edgeexit.evaluation import load_for_bundle, seq_len_for, takes_tokens
+    from edgeexit.evaluation import data_seq_len, load_for_bundle
     from edgeexit.logs import ProgressBar
     from edgeexit.reports import markdown_table
     from edgeexit.runtime.runner import SegmentRunner
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     options.check()
     bundle = Bundle.load(args.bundle)
     x, y = load_for_bundle(bundle.manifest, args.data, split, args.limit, args.seq_len)
-    seq_len = seq_len_for(bundle.manifest, args.seq_len) if takes_tokens(bundle.manifest) else None
+    seq_len = data_seq_len(bundle.manifest, args.data, x, args.seq_len)
     tokens = f" at {seq_len} tokens per row" if seq_len is not None else ""
     print(f"calibrating on {len(x)} rows: {_source(args.data, split, args.limit, user_file)}{tokens}")
     # calibrate() uses the shared scheme beyond MAX_PARETO_EXITS early exits: the note counts for that scheme

@@ -43,14 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from edgeexit.evaluation import (
         SWEEP_KINDS,
         EvalOptions,
+        data_seq_len,
         evaluate_policy,
         exits_table,
         load_for_bundle,
         per_exit_rows,
-        seq_len_for,
         summary,
         sweep_policy,
-        takes_tokens,
         time_full_model,
         warm_up,
         write_sweep,
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     policy = None if args.no_policy else policy_from_manifest(bundle.manifest, args.policy)
     x, y = load_for_bundle(bundle.manifest, args.data, args.split, args.limit, args.seq_len)
-    seq_len = seq_len_for(bundle.manifest, args.seq_len) if takes_tokens(bundle.manifest) else None
+    seq_len = data_seq_len(bundle.manifest, args.data, x, args.seq_len)
     opts = EvalOptions(args.data, args.split, args.limit, args.batch_size, args.backend,
                        progress=not args.no_progress, seq_len=seq_len)
     runner = SegmentRunner(bundle, args.backend, fmt=args.fmt)

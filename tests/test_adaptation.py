@@ -207,3 +207,29 @@ def test_one_slow_cloud_answer_does_not_move_the_plan_but_probes_bring_the_cloud
     for _ in range(15):  # probes report the server fast again (while nothing is offloaded)
         adapter.observe_cloud(0, 0.1, 1)
     assert adapter.plan().label == first.label
+
+
+def test_a_probe_waits_out_the_request_that_asked_and_times_the_rtt_first():
+    # A fake client isolates the ordering; tests/test_bandit_runtime.py probes a real service.
+    import time
+
+    from edgeexit.runtime.link_monitor import PROBE_DELAY_S, LinkMonitor
+
+    calls = []
+
+    class Client:
+        def ready(self, timeout):
+            calls.append(("ready", time.monotonic()))
+            return True
+
+        def infer(self, model, input_name, wire, *, timeout, **kw):
+            calls.append(("infer", time.monotonic()))
+            return SimpleNamespace(server=None)
+
+    monitor = LinkMonitor(Client(), "m")
+    t0 = time.monotonic()
+    monitor.probe("cloud", "x", lambda: SimpleNamespace(data=b"\0" * 9216), 1.0).join(5)
+    assert [name for name, _ in calls] == ["ready", "infer"]
+    assert calls[0][1] - t0 >= PROBE_DELAY_S * 0.9  # not on the CPU tail of the request that triggered it
+    est = monitor.stats.estimate()
+    assert est.samples == 1 and est.rtt_s is not None

@@ -121,32 +121,24 @@ def data_seq_len(manifest: Any, data: str, x: Inputs, seq_len: int | None = None
 
 
 def _fit_inputs(manifest: Any, data: str, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Each model input's array from a user file, in the model's dtype (a safe cast only) and shape: ConfigError
-    naming the array and what the model takes otherwise."""
-    out, sizes = [], {}  # sizes: symbolic dim -> (size, input that set it)
+    """Each model input's array from a user file in the model's dtype (a safe cast only), checked as the runtime
+    checks what an app sends (shapes, shared and bounded axes): a ConfigError naming the file otherwise."""
+    from edgeexit.errors import InvalidTensor
+    from edgeexit.runtime.runner import check_axes
+
+    feeds = {}
     for t in manifest.inputs:
         a, want = arrays[t.name], np.dtype(t.dtype)
         if want.kind in "iu" and a.dtype.kind not in "iu":
             raise ConfigError(f"{data}: {t.name} is {a.dtype}, {manifest.name} takes integer {want} (token ids)")
         if not np.can_cast(a.dtype, want, "same_kind" if want.kind == "f" else "safe"):
             raise ConfigError(f"{data}: {t.name} is {a.dtype}, which does not convert safely to {want}")
-        if a.ndim != len(t.shape):
-            raise ConfigError(f"{data}: {t.name} has shape {list(a.shape)}, {manifest.name} takes {list(t.shape)}")
-        for axis, (dim, n) in enumerate(zip(t.shape[1:], a.shape[1:], strict=True), 1):
-            if isinstance(dim, int) and n != dim:
-                raise ConfigError(f"{data}: {t.name} has {n} on axis {axis}, {manifest.name} takes exactly {dim}")
-            if isinstance(dim, str):
-                hi = manifest.dims.get(dim, {}).get("max")
-                if hi is not None and n > int(hi):
-                    unit = " tokens per row; truncate the rows" if want.kind in "iu" else ""
-                    raise ConfigError(f"{data}: {t.name} has {n} on axis {dim!r}, {manifest.name} takes at most "
-                                      f"{hi}{unit}")
-                seen = sizes.setdefault(dim, (n, t.name))
-                if seen[0] != n:
-                    raise ConfigError(f"{data}: {t.name} has {n} on axis {dim!r} but {seen[1]} has {seen[0]}; "
-                                      "inputs that share an axis need the same size (pad or truncate both alike)")
-        out.append(np.ascontiguousarray(a, dtype=want))
-    return out
+        feeds[t.name] = np.ascontiguousarray(a, dtype=want)
+    try:
+        check_axes(feeds, manifest.inputs, manifest.dims)
+    except InvalidTensor as e:
+        raise ConfigError(f"{data}: {e}") from None
+    return [feeds[t.name] for t in manifest.inputs]
 
 
 @dataclass

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeexit.device")
 
+
 class CloudClient(Protocol):
     """What the runtime needs from runtime.client.InferenceClient (a seam for tests). A client that also has
     ``check_health(timeout)`` gets background health checks instead of request probes (see breaker.py)."""

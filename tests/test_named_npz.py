@@ -66,7 +66,7 @@ def test_named_arrays_load_as_the_models_inputs(manifest, text_set, tmp_path):
     ("float_ids", r"input_ids.*float.*integer"),
     ("rows", r"rows"),
     ("rank", r"attention_mask.*shape"),
-    ("seq", r"tokens"),
+    ("seq", r"seq.*at most \d+"),
     ("labels", r"y.*integer class"),
 ])
 def test_what_does_not_fit_the_bundle_is_a_clear_error(manifest, text_set, tmp_path, case, match):

@@ -82,7 +82,7 @@ def load_for_bundle(manifest: Any, data: str, split: str, limit: int | None = No
     ``datasets.load`` gives them) for an image model; for a model fed token ids, a text set tokenised to
     ``seq_len_for(manifest, seq_len)`` tokens as ``ModelInputs(input_ids, {"attention_mask": ...})``."""
     tokens = takes_tokens(manifest)
-    if datasets.is_user_file(data) and (tokens or manifest.extra_inputs):
+    if tokens and datasets.is_user_file(data):  # several inputs or token ids: one array per input, by name
         if seq_len is not None:
             raise ConfigError(f"--seq-len is for the built-in text sets; the rows of {data} are used as saved")
         arrays, y = datasets.load_named(data, [t.name for t in manifest.inputs], split, limit)

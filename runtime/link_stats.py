@@ -6,7 +6,7 @@ recent samples we fit it with the Theil-Sen estimator (median of pairwise slopes
 ignores up to ~29% outliers (a GC pause, a retransmit burst) where a mean or least squares would not. When
 every sample has the same size the two terms cannot be separated: RTT then comes from explicit probes
 (``record_rtt``, e.g. timing ``client.ready()``) and the bandwidth is the median of ``bytes / (time - rtt)``.
-The RTT is the fastest of the last ``RTT_WINDOW`` probes, and never more than the fastest offloads: a probe
+The RTT is the fastest of the last ``RTT_WINDOW`` probes, and never more than the offloads' fastest tenth: a probe
 that waited for the device's CPU (a loading agent, a throttled one) times that wait too, and the bytes of an
 offload cannot cross faster than the RTT. On an emulated Raspberry Pi the probes read 35-66 ms on an 8-20 ms
 link, the planner priced every offload 30-50 ms too high and the agent ran device-only where offloading was

@@ -1,5 +1,6 @@
 """Online adaptation: the planner adapter follows the measured bandwidth with hysteresis; the bandit learns."""
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -211,8 +212,6 @@ def test_one_slow_cloud_answer_does_not_move_the_plan_but_probes_bring_the_cloud
 
 def test_a_probe_waits_out_the_request_that_asked_and_times_the_rtt_first():
     # A fake client isolates the ordering; tests/test_bandit_runtime.py probes a real service.
-    import time
-
     from edgeexit.runtime.link_monitor import PROBE_DELAY_S, LinkMonitor
 
     calls = []
